@@ -1,0 +1,61 @@
+"""``crushkv.compress``: run a model with a compressed KV cache inside a ``with`` block."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+from crushkv import attention
+from crushkv.cache import CrushCache
+from crushkv.policies import AnyPolicy, parse_policy
+
+#: ``config.model_type`` values whose attention modules crushkv has been checked against
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
+
+
+def attention_modules(model) -> list:
+    """Attention modules of every decoder layer (those with a ``layer_idx``)."""
+    modules = [m for m in model.modules() if hasattr(m, "layer_idx") and hasattr(m, "num_key_value_groups")]
+    if not modules:
+        raise ValueError(f"{type(model).__name__}: no attention modules with a layer_idx found; unsupported model")
+    return modules
+
+
+def check_supported(model) -> None:
+    """Raise ``ValueError`` for a model family crushkv does not support."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    model_type = getattr(config, "model_type", None)
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
+    if getattr(config, "attn_logit_softcapping", None) is not None:
+        raise ValueError("models with attention logit softcapping (e.g. Gemma2) are not supported")
+
+
+@contextmanager
+def compress(model, policy: str | AnyPolicy = "full") -> Iterator[CrushCache]:
+    """Yield a ``CrushCache`` to pass as ``past_key_values`` to ``model(...)`` / ``model.generate(...)``.
+
+    Inside the block the model uses crushkv's attention function (SDPA plus the statistics the policy needs);
+    leaving the block restores the model's attention implementation.
+
+    >>> with crushkv.compress(model, "h2o+kvcrush:budget=512,crush=384") as cache:
+    ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    """
+    policy = parse_policy(policy)
+    check_supported(model)
+    cache = CrushCache(model.config, policy)
+    attention.register()
+    modules = attention_modules(model)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(attention.NAME)
+    for module in modules:
+        setattr(module, attention.CACHE_ATTR, cache)
+    cache.active = True
+    try:
+        yield cache
+    finally:
+        cache.active = False
+        for module in modules:
+            if hasattr(module, attention.CACHE_ATTR):
+                delattr(module, attention.CACHE_ATTR)
+        model.set_attn_implementation(previous)

@@ -1,0 +1,136 @@
+"""Attention over a compressed layer, with the statistics policies need, without an ``L x L`` matrix.
+
+The output comes from PyTorch SDPA whenever no full-row statistics are needed; otherwise (H2O-style column sums
+over every query) the output and the statistics come from one chunked pass, ``rows x L`` probabilities at a time.
+GQA is handled by grouping query heads under their KV head (no ``repeat_kv`` copies).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from crushkv.policies.base import ALL_ROWS, Stats, StatsRequest
+
+#: probabilities materialised per chunk (elements); 16M floats = 64 MB
+CHUNK_ELEMENTS = 1 << 24
+
+
+def visibility(positions: torch.Tensor, valid: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
+    """``[B, H, q, L]``: slot visible to query when it is valid and not in the future; a query always sees itself."""
+    past = positions[:, :, None, :] <= query_positions[:, :, :, None]
+    itself = positions[:, :, None, :] == query_positions[:, :, :, None]
+    return (valid[:, :, None, :] & past) | itself
+
+
+def _probabilities(
+    query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float, softcap: float | None
+) -> torch.Tensor:
+    """Softmax probabilities ``[B, Hk, G, r, L]`` (fp32) for query rows ``[B, Hk, G, r, d]``."""
+    b, hk, g, r, d = query.shape
+    logits = torch.matmul(query.reshape(b, hk, g * r, d), keys.transpose(-1, -2)).view(b, hk, g, r, -1).float()
+    logits = logits * scaling
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
+    return torch.softmax(logits, dim=-1)
+
+
+class _Accumulator:
+    """Sums attention probabilities of valid query rows into ``Stats``."""
+
+    def __init__(self, shape: tuple[int, int, int, int], device: torch.device, count: bool) -> None:
+        self.colsum = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.count = torch.zeros(shape[0], shape[1], shape[3], dtype=torch.float32, device=device) if count else None
+
+    def add(self, probs: torch.Tensor, visible: torch.Tensor, row_valid: torch.Tensor) -> None:
+        weight = row_valid[:, None, None, :, None].to(probs.dtype)
+        self.colsum += (probs * weight).sum(-2)
+        if self.count is not None:
+            self.count += (visible & row_valid[:, None, :, None]).sum(-2).float()
+
+
+def attend(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visible: torch.Tensor | None,
+    causal: bool,
+    row_valid: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    request: StatsRequest | None,
+    visible_rows=None,
+) -> tuple[torch.Tensor, Stats]:
+    """Attention output ``[B, q, Hq, d]`` and the requested statistics.
+
+    ``visible``: ``[B, Hk or 1, q, L]`` boolean mask, or ``None`` with ``causal`` telling whether plain causal
+    (``q == L``) or no mask (``q == 1``) applies. ``visible_rows(i0, i1)`` builds the mask for a block of rows when
+    ``visible`` is ``None`` and statistics are needed. ``row_valid``: ``[B, q]`` False for padding queries, which
+    contribute no statistics.
+    """
+    b, hq, q, d = query.shape
+    hk, length = keys.shape[1], keys.shape[2]
+    g = hq // hk
+    grouped = query.view(b, hk, g, q, d)
+    request = request or StatsRequest()
+    rows_of = visible_rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
+    stats = Stats()
+
+    if request.rows == ALL_ROWS or (q == 1 and not request.empty):
+        acc = _Accumulator((b, hk, g, length), query.device, count=True)
+        out = torch.empty(b, hk, g, q, d, dtype=query.dtype, device=query.device)
+        step = max(1, CHUNK_ELEMENTS // max(1, b * hq * length))
+        for i0 in range(0, q, step):
+            i1 = min(q, i0 + step)
+            vis = rows_of(i0, i1).expand(b, hk, -1, -1)
+            probs = _probabilities(grouped[:, :, :, i0:i1], keys, vis, scaling, softcap)
+            out[:, :, :, i0:i1] = _weighted_values(probs, values)
+            acc.add(probs, vis, row_valid[:, i0:i1])
+            if request.last and i1 == q:
+                stats.last = probs[:, :, :, -1]
+        stats.colsum, stats.count = acc.colsum, acc.count
+        return out.view(b, hq, q, d).transpose(1, 2), stats
+
+    out = _sdpa(query, keys, values, visible, causal, scaling, softcap, b, hk, g, q, length)
+    if request.rows is not None or request.last:
+        rows = q if request.rows in (None, ALL_ROWS) else min(request.rows, q)
+        i0 = q - rows if request.rows is not None else q - 1
+        vis = rows_of(i0, q).expand(b, hk, -1, -1)
+        probs = _probabilities(grouped[:, :, :, i0:q], keys, vis, scaling, softcap)
+        if request.rows is not None:
+            acc = _Accumulator((b, hk, g, length), query.device, count=True)
+            acc.add(probs, vis, row_valid[:, i0:q])
+            stats.colsum, stats.count = acc.colsum, acc.count
+        if request.last:
+            stats.last = probs[:, :, :, -1]
+    return out, stats
+
+
+def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    b, hk, g, r, length = probs.shape
+    mixed = torch.matmul(probs.to(values.dtype).reshape(b, hk, g * r, length), values)
+    return mixed.view(b, hk, g, r, -1)
+
+
+def _sdpa(query, keys, values, visible, causal, scaling, softcap, b, hk, g, q, length) -> torch.Tensor:
+    """Output via ``scaled_dot_product_attention`` (falls back to the chunked path for softcapping)."""
+    if softcap is not None:
+        raise ValueError("attention logit softcapping is not supported by crushkv's SDPA path")
+    mask = None
+    if visible is not None:
+        mask = (
+            visible
+            if visible.shape[1] == 1
+            else visible[:, :, None].expand(b, hk, g, q, length).reshape(b, -1, q, length)
+        )
+    out = F.scaled_dot_product_attention(
+        query,
+        keys,
+        values,
+        attn_mask=mask,
+        is_causal=causal and mask is None and q > 1,
+        scale=scaling,
+        enable_gqa=g > 1,
+    )
+    return out.transpose(1, 2)

@@ -1,0 +1,44 @@
+"""``h2o``: Heavy-Hitter Oracle (Zhang et al., arXiv 2306.14048): accumulated attention per KV head."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crushkv.policies.base import ALL_ROWS, Policy, Stats, StatsRequest, register
+
+NORMS = ("raw", "lifetime")
+
+
+@register
+@dataclass
+class H2O(Policy):
+    """Sum of the attention every query paid to a token, accumulated over prefill and decoding.
+
+    ``norm=raw`` is the original H2O score; ``norm=lifetime`` divides by the number of queries that could see the
+    token (OpenVINO's NORM_SUM / kvpress' ObservedAttention), removing the bias towards early tokens.
+    """
+
+    name = "h2o"
+    default_phase = "decode"
+    norm: str = "raw"
+
+    def validate(self) -> None:
+        super().validate()
+        if self.norm not in NORMS:
+            raise ValueError(f"h2o: norm must be one of {NORMS}, got {self.norm!r}")
+
+    def request(self, first: bool, q_len: int) -> StatsRequest:
+        return StatsRequest(rows=ALL_ROWS)
+
+    def observe(self, layer, stats: Stats, first: bool) -> None:
+        layer.accumulate("score", stats.colsum)
+        if self.norm == "lifetime":
+            layer.accumulate("count", stats.count)
+
+    def head_scores(self, layer) -> torch.Tensor:
+        score = layer.state["score"]
+        if self.norm == "lifetime":
+            score = score / layer.state["count"].clamp(min=1)[:, :, None, :]
+        return score

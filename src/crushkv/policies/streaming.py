@@ -1,0 +1,24 @@
+"""``streaming``: StreamingLLM (Xiao et al., arXiv 2309.17453): attention sinks plus the most recent tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from crushkv.policies.base import Policy, register
+
+
+@register
+@dataclass
+class Streaming(Policy):
+    """Keeps the first ``sink`` tokens and the most recent ``budget - sink`` tokens (positions stay original)."""
+
+    name = "streaming"
+    default_phase = "decode"
+    shared = True
+    sink: int = 4
+    recent: int = 0
+
+    def head_scores(self, layer) -> torch.Tensor:
+        return layer.positions[:, :1, None, :].float()

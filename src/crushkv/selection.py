@@ -1,0 +1,51 @@
+"""Budgeted top-k selection over cache slots, shared by every policy.
+
+All functions work on slot-aligned tensors of shape ``[B, H, L]`` (batch, KV heads or 1 for layer-shared, slots) and
+return sorted slot indices ``[B, H, k]``. Slots are kept in sequence order by the cache, so "recent" means the last
+slots and "sink" means the first *valid* slots of each row (left padding is never a sink).
+"""
+
+from __future__ import annotations
+
+import torch
+
+NEG = float("-inf")
+POS = float("inf")
+
+
+def forced_mask(valid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Slots that must always be kept: the first ``sink`` valid slots and the last ``recent`` slots of each row."""
+    length = valid.shape[-1]
+    forced = valid & (valid.long().cumsum(-1) <= sink) if sink > 0 else torch.zeros_like(valid)
+    if recent > 0:
+        forced = forced.clone()
+        forced[..., max(0, length - recent) :] = True
+    return forced & valid
+
+
+def priority(scores: torch.Tensor, forced: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Scores with forced slots lifted to +inf and padding dropped to -inf (forced wins over nothing else)."""
+    out = torch.where(valid, scores.float(), torch.full_like(scores, NEG, dtype=torch.float32))
+    return torch.where(forced, torch.full_like(out, POS), out)
+
+
+def topk_slots(prio: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` highest-priority slots per row, ascending (ties broken towards earlier slots)."""
+    length = prio.shape[-1]
+    if k > length:
+        raise ValueError(f"cannot keep {k} slots out of {length}")
+    # stable descending sort: equal priorities keep slot order, so results are deterministic
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :k]
+    return order.sort(dim=-1).values
+
+
+def select_topk(scores: torch.Tensor, k: int, valid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
+    """Keep ``k`` slots per row: forced sink/recent slots first, then the highest scores among valid slots."""
+    forced = forced_mask(valid, sink, recent)
+    return topk_slots(priority(scores, forced, valid), k)
+
+
+def to_mask(indices: torch.Tensor, length: int) -> torch.Tensor:
+    """Boolean ``[..., length]`` mask of the given slot indices."""
+    mask = torch.zeros(*indices.shape[:-1], length, dtype=torch.bool, device=indices.device)
+    return mask.scatter_(-1, indices, True)
