@@ -79,8 +79,9 @@ def ensure_packages(modules_to_requirements: dict[str, str], *, auto_install: bo
     if not auto_install:
         suggestions = [hint] if hint else []
         suggestions.append(pip_install_hint(missing))
+        names = ", ".join(missing) if len(missing) <= 3 else f"{missing[0]} ... {missing[-1]} ({len(missing)} packages)"
         raise PackageMissingError(
-            f"{what} needs PyPI package(s) that are not installed: {', '.join(missing)}.\n"
+            f"{what} needs PyPI package(s) that are not installed: {names}.\n"
             f"Install with:\n  " + "\n  or: ".join(suggestions)
         )
     pip_install(missing)
