@@ -18,7 +18,7 @@ from typing import ClassVar
 import torch
 
 from crushkv.crush import ANCHORS, PICK_RULES, hamming, indicators, make_anchor, pick_representatives, token_signatures
-from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields
+from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
 from crushkv.selection import forced_mask, priority, to_mask, topk_slots
 
 GRANULARITIES = ("token", "block")
@@ -102,9 +102,13 @@ class KVCrush:
     def split(self, layer) -> tuple[int, int]:
         """(host tokens, KVCrush tokens) for this layer."""
         budget = self.host.budget_for(layer)
-        crush = self.crush_tokens(budget)
+        nominal = resolve_budget(self.host.budget, layer.context_length, self.host.min_budget(), self.host.name)
+        crush = self.crush_tokens(nominal)
         if self.additive:
             return budget, crush
+        if budget != nominal:
+            # layer-wise budgets (PyramidKV): KVCrush keeps the same share of each layer, within what the layer has
+            crush = min(round(crush * budget / nominal), budget - self.host.min_budget())
         if budget - crush < self.host.min_budget():
             raise ValueError(
                 f"kvcrush: layer budget {budget} minus crush {crush} is below sink+recent={self.host.min_budget()}"

@@ -1,0 +1,110 @@
+"""Reference for eviction: one full-sequence eager forward whose mask removes exactly the evicted entries.
+
+While a compressed ``generate`` runs, a logits processor records, after every forward pass, the logical positions
+each (layer, KV head) keeps. A query at step ``s`` saw exactly the slots kept after step ``s-1`` plus itself, so a
+teacher-forced eager forward over the whole sequence with those per-row, per-head masks must reproduce every step's
+logits. Sliding-window layers get their usual window mask.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
+
+from crushkv.cache import CompressedLayer
+
+ORACLE = "crushkv_oracle"
+_MASKS: dict[int, torch.Tensor] = {}
+
+
+def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    value = value.repeat_interleave(groups, dim=1)
+    logits = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
+    allowed = _MASKS[module.layer_idx].repeat_interleave(groups, dim=1)
+    probs = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1).to(query.dtype)
+    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+
+
+AttentionInterface.register(ORACLE, _oracle_attention)
+
+
+class KeptRecorder(LogitsProcessor):
+    """Logits processor that snapshots ``kept_positions`` of every compressed layer after each forward."""
+
+    def __init__(self, cache) -> None:
+        self.cache = cache
+        self.history: list[dict[int, torch.Tensor]] = []
+
+    def __call__(self, input_ids, scores):
+        self.history.append({i: self.cache.kept_positions(i) for i in self.cache.compressed_layers})
+        return scores
+
+
+def generate_recorded(model, cache, ids, mask, new_tokens: int, **kwargs):
+    """Greedy (or sampled) generate with ``cache``; returns (output, recorder)."""
+    recorder = KeptRecorder(cache)
+    out = model.generate(
+        ids,
+        attention_mask=mask,
+        past_key_values=cache,
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        output_logits=True,
+        return_dict_in_generate=True,
+        pad_token_id=0,
+        logits_processor=LogitsProcessorList([recorder]),
+        **kwargs,
+    )
+    return out, recorder
+
+
+def oracle_masks(
+    model, cache, recorder: KeptRecorder, prompt_mask: torch.Tensor, total: int
+) -> dict[int, torch.Tensor]:
+    """``[B, kv_heads, T, T]`` visibility per layer for the teacher-forced sequence of length ``total``."""
+    batch, prompt = prompt_mask.shape
+    valid = torch.cat([prompt_mask.bool(), torch.ones(batch, total - prompt, dtype=torch.bool)], dim=1)
+    i = torch.arange(total)
+    causal = (i[None, :] <= i[:, None])[None, None] & valid[:, None, None, :]
+    itself = torch.eye(total, dtype=torch.bool)[None, None]
+    masks = {}
+    for idx, layer in enumerate(cache.layers):
+        heads = model.config.get_text_config().num_key_value_heads
+        allowed = causal.expand(batch, heads, total, total).clone()
+        if isinstance(layer, CompressedLayer):
+            for step in range(1, total - prompt + 1):
+                row = prompt + step - 1
+                kept = recorder.history[step - 1][idx]  # slots after the previous forward
+                allowed[:, :, row, :] = False
+                allowed[:, :, row, :].scatter_(-1, kept, True)
+                allowed[:, :, row, row] = True
+            allowed &= valid[:, None, None, :]
+        else:
+            window = layer.sliding_window
+            allowed &= (i[:, None] - i[None, :] < window)[None, None]
+        masks[idx] = allowed | itself
+    return masks
+
+
+def oracle_logits(
+    model, sequence: torch.Tensor, positions: torch.Tensor, masks: dict[int, torch.Tensor]
+) -> torch.Tensor:
+    """Logits of the teacher-forced forward under ``masks`` (eager maths)."""
+    _MASKS.clear()
+    _MASKS.update(masks)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation(ORACLE)
+    try:
+        with torch.no_grad():
+            return model(sequence, position_ids=positions, use_cache=False).logits
+    finally:
+        model.set_attn_implementation(previous)
+        _MASKS.clear()
+
+
+def generation_positions(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as ``generate`` derives them from a left-padded mask."""
+    positions = mask.long().cumsum(-1) - 1
+    return positions.masked_fill(mask == 0, 1)
