@@ -1,0 +1,299 @@
+"""Shared pieces of the evaluation tasks: examples, the task base class, compressed generation and haystack text."""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import re
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+QUERY_AWARE = "query-aware"
+QUESTION_AGNOSTIC = "question-agnostic"
+STREAMING = "streaming"
+COMPRESSION_MODES = (QUERY_AWARE, QUESTION_AGNOSTIC)
+
+
+@dataclass
+class Example:
+    """One scored item: ``prompt[:split]`` is the compressible context, ``prompt[split:]`` the question part."""
+
+    id: str
+    prompt: str
+    split: int
+    refs: list[str]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def context(self) -> str:
+        return self.prompt[: self.split]
+
+    @property
+    def query(self) -> str:
+        return self.prompt[self.split :]
+
+
+class Task:
+    """A generation task: builds examples, generates inside the compressed cache and scores the prediction."""
+
+    name: str = ""
+    metrics: tuple[str, ...] = ("score",)  # per-example fields averaged into the summary
+    primary: str = "score"
+    max_new_tokens: int = 32
+    stop_strings: tuple[str, ...] = ()
+    modes: tuple[str, ...] = COMPRESSION_MODES
+
+    def settings(self) -> dict[str, Any]:
+        """Everything that changes the examples or the scores (recorded, and checked on resume)."""
+        return {"max_new_tokens": self.max_new_tokens}
+
+    def examples(self, tokenizer: Any) -> list[Example]:
+        raise NotImplementedError
+
+    def score(self, prediction: str, example: Example) -> dict[str, float]:
+        raise NotImplementedError
+
+    def postprocess(self, text: str) -> str:
+        """Cut the decoded continuation at the first stop string."""
+        return truncate_at(text, self.stop_strings)
+
+    def evaluate(self, model: Any, tokenizer: Any, example: Example, policy: Any, mode: str) -> dict[str, Any]:
+        """Run one example; returns the JSONL record (without run-level fields)."""
+        gen = generate_compressed(
+            model,
+            tokenizer,
+            example.context,
+            example.query,
+            policy,
+            mode,
+            max_new_tokens=int(example.meta.get("max_new_tokens", self.max_new_tokens)),
+            stop_strings=list(self.stop_strings),
+        )
+        prediction = self.postprocess(gen.pop("text"))
+        record = {"id": example.id, "prediction": prediction, "refs": example.refs, **example.meta}
+        record.update(self.score(prediction, example))
+        record.update(gen)
+        return record
+
+    def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
+        """Summary metrics: the mean of each metric over the records."""
+        out: dict[str, float] = {}
+        for metric in self.metrics:
+            values = [float(r[metric]) for r in records if metric in r]
+            if values:
+                out[metric] = sum(values) / len(values)
+        return out
+
+
+def truncate_at(text: str, stops: Any) -> str:
+    """Return ``text`` up to the earliest occurrence of any stop string."""
+    cut = len(text)
+    for stop in stops:
+        if stop:
+            idx = text.find(stop)
+            if idx != -1:
+                cut = min(cut, idx)
+    return text[:cut]
+
+
+# ----------------------------------------------------------------------------------------------------------- generation
+
+
+class _TokenClock:
+    """A minimal generate() streamer that timestamps the first generated token."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.first_token_at: float | None = None
+
+    def put(self, value: torch.Tensor) -> None:
+        self.calls += 1
+        if self.calls == 2 and self.first_token_at is None:  # call 1 is the prompt
+            self.first_token_at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
+
+
+def encode_parts(tokenizer: Any, context: str, query: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokenize context (with special tokens unless the text already has BOS) and query separately.
+
+    Tokenizing the two parts separately guarantees the context ids are an exact prefix of the full prompt ids,
+    so question-agnostic and query-aware runs see the same tokens.
+    """
+    bos = getattr(tokenizer, "bos_token", None)
+    add_special = not (bos and context.startswith(bos))
+    ctx = tokenizer(context, add_special_tokens=add_special, return_tensors="pt").input_ids
+    qry = tokenizer(query, add_special_tokens=False, return_tensors="pt").input_ids
+    return ctx, qry
+
+
+def num_layers(model: Any) -> int:
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    return int(config.num_hidden_layers)
+
+
+def cache_stats(cache: Any, n_layers: int) -> dict[str, Any]:
+    """Kept tokens (mean/min/max over layers and heads), bytes held and logical length of a crushkv cache."""
+    stats: dict[str, Any] = {}
+    kept: list[float] = []
+    lo, hi = None, None
+    for layer in range(n_layers):
+        try:
+            pos = cache.kept_positions(layer)
+        except Exception:  # layer without a cache entry (e.g. nothing stored yet)
+            continue
+        if pos is None:
+            continue
+        k = pos.shape[-1]
+        kept.append(float(k))
+        lo = k if lo is None else min(lo, k)
+        hi = k if hi is None else max(hi, k)
+    if kept:
+        stats.update(kept_tokens=sum(kept) / len(kept), kept_min=lo, kept_max=hi)
+    for key, fn in (("cache_bytes", "nbytes"), ("seq_len", "get_seq_length")):
+        with contextlib.suppress(Exception):
+            stats[key] = int(getattr(cache, fn)())
+    return stats
+
+
+def greedy_kwargs(tokenizer: Any) -> dict[str, Any]:
+    """Greedy decoding, silencing sampling defaults that instruct models ship in their generation config."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "pad_token_id": pad}
+
+
+def compress_ctx(model: Any, policy: Any) -> Any:
+    """`crushkv.compress(model, policy)` (imported lazily so scoring code works without the core)."""
+    from crushkv.api import compress
+
+    return compress(model, policy)
+
+
+@torch.inference_mode()
+def generate_compressed(
+    model: Any,
+    tokenizer: Any,
+    context: str,
+    query: str,
+    policy: Any,
+    mode: str,
+    max_new_tokens: int,
+    stop_strings: list[str] | None = None,
+) -> dict[str, Any]:
+    """Greedy generation with a compressed cache.
+
+    ``question-agnostic``: the context is prefilled (and compressed) first, then the question is fed;
+    ``query-aware``: one generate call over context + question.
+    Returns ``text`` (raw continuation), token counts, cache statistics and timings.
+    """
+    if mode not in COMPRESSION_MODES:
+        raise ValueError(f"unknown compression mode {mode!r}; expected one of {COMPRESSION_MODES}")
+    ctx_ids, q_ids = encode_parts(tokenizer, context, query)
+    full = torch.cat([ctx_ids, q_ids], dim=1).to(model.device)
+    mask = torch.ones_like(full)
+    kwargs = greedy_kwargs(tokenizer)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    clock = _TokenClock()
+    out: dict[str, Any] = {"context_tokens": ctx_ids.shape[1], "prompt_tokens": full.shape[1]}
+    t0 = time.perf_counter()
+    with compress_ctx(model, policy) as cache:
+        if mode == QUESTION_AGNOSTIC:
+            n = ctx_ids.shape[1]
+            model(full[:, :n], attention_mask=mask[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            out["prefill_s"] = time.perf_counter() - t0
+            out.update({f"{k}_after_context": v for k, v in cache_stats(cache, num_layers(model)).items()})
+        seq = model.generate(
+            full, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=clock, **kwargs
+        )
+        t1 = time.perf_counter()
+        out.update(cache_stats(cache, num_layers(model)))
+    new = seq[0, full.shape[1] :]
+    out["new_tokens"] = int(new.shape[0])
+    out["time_s"] = t1 - t0
+    if clock.first_token_at is not None:
+        out["ttft_s"] = clock.first_token_at - t0
+        if new.shape[0] > 1:
+            out["decode_tok_s"] = (new.shape[0] - 1) / max(t1 - clock.first_token_at, 1e-9)
+    out["text"] = tokenizer.decode(new, skip_special_tokens=True)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------ prompting
+
+
+def chat_prompt(tokenizer: Any, messages: list[dict[str, str]], assistant_prefix: str = "") -> str:
+    """Render a chat with the model's template, ending with the generation prompt (+ an answer prefix)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("--chat needs a tokenizer with a chat template")
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return text + assistant_prefix
+
+
+def split_at_last(prompt: str, marker: str) -> int:
+    """Character index of the last occurrence of ``marker`` (where the question part starts)."""
+    idx = prompt.rfind(marker)
+    if idx < 0:
+        raise ValueError(f"marker {marker!r} not in prompt")
+    return idx
+
+
+# ------------------------------------------------------------------------------------------------------------- haystack
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+|\n+")
+
+
+def sentence_boundaries(text: str) -> list[int]:
+    """Sorted character offsets where a sentence starts (always includes 0 and len(text))."""
+    cuts = {0, len(text)}
+    cuts.update(m.end() for m in _SENTENCE_END.finditer(text))
+    return sorted(cuts)
+
+
+def boundary_at_depth(text: str, depth: float) -> int:
+    """Sentence boundary at or just before ``depth`` (0..1) of the text; 1.0 is the very end."""
+    bounds = sentence_boundaries(text)
+    target = round(depth * len(text))
+    return bounds[max(bisect.bisect_right(bounds, target) - 1, 0)]
+
+
+def count_tokens(tokenizer: Any, text: str) -> int:
+    return len(tokenizer(text, add_special_tokens=False).input_ids)
+
+
+def truncate_tokens(tokenizer: Any, text: str, n_tokens: int) -> str:
+    """The longest prefix of ``text`` that is at most ``n_tokens`` tokens, cut at a sentence boundary."""
+    if n_tokens <= 0:
+        return ""
+    head = text[: max(64, n_tokens * 12)]  # generous: > 12 chars per token is rare
+    ids = tokenizer(head, add_special_tokens=False).input_ids
+    if len(ids) <= n_tokens and len(head) == len(text):
+        return text
+    prefix = tokenizer.decode(ids[:n_tokens])
+    # cut back to the last sentence boundary so the needle/question never splits a sentence
+    cut = prefix.rstrip()
+    bounds = [b for b in sentence_boundaries(cut) if b < len(cut)]
+    last = bounds[-1] if len(bounds) > 1 else len(cut)
+    return cut[:last].rstrip() if last > 0 else cut
+
+
+def haystack(max_chars: int | None = None, offset: int = 0) -> str:
+    """Paul Graham essays from ``crushkv.data`` (optionally a slice)."""
+    from crushkv.data import haystack_text
+
+    text = haystack_text()
+    return text[offset:] if max_chars is None else text[offset : offset + max_chars]
+
+
+def seeded_rng(seed: int, *parts: Any) -> Any:
+    """A numpy Generator seeded from ``seed`` and a stable hash of ``parts`` (for per-cell randomness)."""
+    import hashlib
+
+    import numpy as np
+
+    digest = hashlib.sha256(repr((seed, *parts)).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))

@@ -1,0 +1,242 @@
+"""`crushkv report`: Markdown tables in the KVCrush paper layout, accuracy-vs-budget plots and NIAH heatmaps."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from crushkv.eval import results
+
+DISPLAY = {
+    "full": "Full",
+    "h2o": "H2O",
+    "snapkv": "SnapKV",
+    "streaming": "StreamingLLM",
+    "tova": "TOVA",
+    "knorm": "KNorm",
+    "pyramidkv": "PyramidKV",
+    "random": "Random",
+}
+# per task: (metric key, column name, scale, decimals)
+TASK_COLUMNS: dict[str, list[tuple[str, str, float, int]]] = {
+    "gsm8k": [("strict", "strict", 100.0, 1), ("flexible", "flexible", 100.0, 1)],
+    "niah": [("score", "acc", 100.0, 1)],
+    "ppl": [("ppl", "ppl", 1.0, 2)],
+}
+RULER_ORDER = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe")
+
+
+def _number(text: str | None) -> int | float | None:
+    if text is None:
+        return None
+    try:
+        return float(text) if any(c in text for c in ".eE") else int(text)
+    except ValueError:
+        return None
+
+
+def policy_label(spec: str) -> tuple[str, float | None, str]:
+    """(family, total budget, row label) in the paper's hh-cl style.
+
+    E.g. ``("KVCrush (mean)", 512.0, "KVCrush 128-384 (mean)")``; ``"H2O 512-0"``; ``"SnapKV 25%"``; ``"Full"``.
+    """
+    name, fields = results.parse_spec(spec)
+    host, _, wrapper = name.partition("+")
+    host_name = DISPLAY.get(host, host)
+    if host == "full" or "budget" not in fields:
+        return host_name, None, host_name
+    budget = _number(fields["budget"])
+    if not wrapper:
+        if isinstance(budget, float):
+            return host_name, budget, f"{host_name} {budget:.0%}"
+        return host_name, budget, f"{host_name} {budget}-0"
+    family = ("KVCrush" if host == "h2o" else f"{host_name}+KVCrush") + f" ({fields.get('anchor', '?')})"
+    crush = _number(fields.get("crush"))
+    additive = fields.get("additive", "false").lower() == "true"
+    if isinstance(budget, int) and crush is not None:
+        cl = crush if isinstance(crush, int) else round(crush * budget)
+        hh = budget if additive else budget - cl
+        return family, float(hh + cl), f"{family.split(' (')[0]} {hh}-{cl} ({fields.get('anchor', '?')})"
+    return family, budget, f"{family.split(' (')[0]} {budget} crush={fields.get('crush')} ({fields.get('anchor', '?')})"
+
+
+def _disambiguate(specs: list[str]) -> dict[str, str]:
+    """Row label per spec; labels shared by different specs get the differing fields appended."""
+    labels = {s: policy_label(s)[2] for s in specs}
+    by_label: dict[str, list[str]] = defaultdict(list)
+    for s, lab in labels.items():
+        by_label[lab].append(s)
+    for lab, group in by_label.items():
+        if len(group) < 2:
+            continue
+        parsed = [results.parse_spec(s)[1] for s in group]
+        keys = sorted({k for p in parsed for k in p if len({q.get(k) for q in parsed}) > 1})
+        for s, p in zip(group, parsed):
+            labels[s] = f"{lab} [{','.join(f'{k}={p.get(k)}' for k in keys)}]"
+    return labels
+
+
+def _sort_key(spec: str) -> tuple[int, str, float]:
+    family, budget, _ = policy_label(spec)
+    return (0 if family == "Full" else 1 if "KVCrush" not in family else 2, family, budget or 0.0)
+
+
+def _columns(task: str, summaries: list[dict[str, Any]]) -> list[tuple[str, str, float, int]]:
+    if task != "ruler":
+        return TASK_COLUMNS.get(task, [(summaries[0].get("primary_metric", "score"), "score", 1.0, 3)])
+    present = {k for s in summaries for k in s.get("metrics", {})}
+    subs = [t for t in RULER_ORDER if t in present]
+    return [(t, t, 100.0, 1) for t in subs] + [("score", "avg", 100.0, 1)]
+
+
+def _fmt(value: Any, scale: float, decimals: int) -> str:
+    return "–" if value is None else f"{float(value) * scale:.{decimals}f}"
+
+
+def markdown_table(task: str, runs: list[dict[str, Any]]) -> str:
+    """Rows: methods (hh-cl); columns: model x metric (+ mean kept tokens per model)."""
+    models = sorted({r["model"] for r in runs})
+    cols = _columns(task, runs)
+    specs = sorted({r["policy"] for r in runs}, key=_sort_key)
+    labels = _disambiguate(specs)
+    cell = {(r["model"], r["policy"]): r for r in runs}
+    header = ["Method"] + [f"{results.model_slug(m)} {c[1]}" for m in models for c in cols]
+    header += [f"{results.model_slug(m)} kept" for m in models]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for spec in specs:
+        row = [labels[spec]]
+        for m in models:
+            metrics = cell.get((m, spec), {}).get("metrics", {})
+            row += [_fmt(metrics.get(key), scale, dec) for key, _, scale, dec in cols]
+        for m in models:
+            kept = cell.get((m, spec), {}).get("means", {}).get("kept_tokens")
+            row.append("–" if kept is None else f"{kept:.0f}")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def _plt() -> Any:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def budget_plot(task: str, model: str, mode: str, runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Primary metric vs budget, one line per method family, full cache as a dashed line."""
+    primary = runs[0].get("primary_metric", "score")
+    scale = 1.0 if task == "ppl" else 100.0
+    lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    full = None
+    for r in runs:
+        value = r.get("metrics", {}).get(primary)
+        if value is None:
+            continue
+        family, budget, _ = policy_label(r["policy"])
+        if budget is None:
+            full = value * scale
+        else:
+            lines[family].append((budget, value * scale))
+    if not lines:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=90)
+    for family, pts in sorted(lines.items()):
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
+    if full is not None:
+        ax.axhline(full, color="black", linestyle="--", linewidth=1, label="Full")
+    budgets = [p[0] for pts in lines.values() for p in pts]
+    if min(budgets) > 1 and max(budgets) / min(budgets) >= 4:
+        ax.set_xscale("log", base=2)
+    ax.set_xlabel("KV budget (tokens, or ratio)")
+    ax.set_ylabel(primary if task == "ppl" else f"{primary} (%)")
+    ax.set_title(f"{task} · {results.model_slug(model)} · {mode}", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def niah_heatmap(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
+    """Depth (rows) x context length (columns) retrieval accuracy."""
+    cells: dict[tuple[float, int], list[float]] = defaultdict(list)
+    for r in records:
+        if "depth" in r and "length" in r and "score" in r:
+            cells[(float(r["depth"]), int(r["length"]))].append(float(r["score"]))
+    if not cells:
+        return None
+    depths = sorted({d for d, _ in cells})
+    lengths = sorted({n for _, n in cells})
+    import numpy as np
+
+    grid = np.full((len(depths), len(lengths)), np.nan)
+    for (d, n), vals in cells.items():
+        grid[depths.index(d), lengths.index(n)] = sum(vals) / len(vals)
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(lengths), 1.0 + 0.35 * len(depths)), dpi=90)
+    im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
+    ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
+    ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
+    ax.set_xlabel("context length (tokens)", fontsize=8)
+    ax.set_ylabel("needle depth", fontsize=8)
+    ax.set_title(title, fontsize=7)
+    fig.colorbar(im, ax=ax, fraction=0.05)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(results_dir: Path, out: Path | None = None) -> Path:
+    """Scan ``results_dir`` for run summaries and write the Markdown report plus figures; returns its path."""
+    results_dir = Path(results_dir)
+    out = Path(out) if out else results_dir / "report.md"
+    fig_dir = out.parent / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    found = list(results.iter_summaries(results_dir))
+    runs = [s for _, s in found]
+    lines = [
+        "# crushkv evaluation report",
+        "",
+        f"Generated {dt.datetime.now().isoformat(timespec='seconds')} from `{results_dir}` ({len(runs)} runs). "
+        "Rows are methods as *hh-cl* (heavy-hitter tokens - KVCrush representative tokens); accuracies in %, "
+        "`kept` = mean tokens kept per layer and head at the end of generation.",
+    ]
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
+    for s in runs:
+        groups[(s["task"], s.get("compression", "?"))].append(s)
+    for (task, mode), group in sorted(groups.items()):
+        n = sorted({f"{results.model_slug(s['model'])}: n={s.get('n')}" for s in group})
+        lines += ["", f"## {task} ({mode})", "", markdown_table(task, group), "", "n per run: " + "; ".join(n)]
+        for model in sorted({s["model"] for s in group}):
+            mine = [s for s in group if s["model"] == model]
+            png = budget_plot(task, model, mode, mine, fig_dir / f"{task}__{results.model_slug(model)}__{mode}.png")
+            if png:
+                lines += ["", f"![{task} vs budget]({png.relative_to(out.parent).as_posix()})"]
+    heatmaps = []
+    for path, s in found:
+        if s.get("task") != "niah":
+            continue
+        label = _disambiguate([s["policy"]])[s["policy"]]
+        title = f"{results.model_slug(s['model'])} · {label} · {s.get('compression')}"
+        stem = path.name[: -len(results.SUMMARY_SUFFIX)]
+        png = niah_heatmap(results.records_for(path), title, fig_dir / f"{stem}.png")
+        if png:
+            heatmaps.append(f"![{title}]({png.relative_to(out.parent).as_posix()})")
+    if heatmaps:
+        lines += ["", "## NIAH heatmaps", "", *heatmaps]
+    lines += ["", "## Runs", "", "| task | model | compression | policy | n | status |", "|---|---|---|---|---|---|"]
+    for s in sorted(runs, key=lambda s: (s["task"], s["model"], s["policy"])):
+        lines.append(
+            f"| {s['task']} | {s['model']} | {s.get('compression')} | `{s['policy']}` | {s.get('n')} | "
+            f"{s.get('status')} |"
+        )
+    out.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return out
