@@ -1,0 +1,129 @@
+"""Proof 3: invariants of every selection function, as hypothesis property tests."""
+
+from __future__ import annotations
+
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from crushkv.crush import pick_representatives
+from crushkv.policies import parse_policy
+from crushkv.selection import forced_mask
+from fake_layer import FakeLayer
+
+HOSTS = ("h2o", "tova", "knorm", "random", "streaming", "snapkv")
+
+
+@st.composite
+def layer_case(draw):
+    batch, heads, group = draw(st.integers(1, 2)), draw(st.integers(1, 3)), draw(st.integers(1, 3))
+    length = draw(st.integers(12, 48))
+    pad = draw(st.integers(0, length // 3))
+    seed = draw(st.integers(0, 10_000))
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(batch, heads, group, length, generator=gen)
+    if draw(st.booleans()):  # many ties
+        scores = (scores * 3).floor()
+    valid = torch.ones(batch, length, dtype=torch.bool)
+    valid[0, :pad] = False
+    sink, recent = draw(st.integers(0, 3)), draw(st.integers(0, 6))
+    budget = draw(st.integers(sink + recent + 1, length))
+    return FakeLayer(scores, valid), sink, recent, budget
+
+
+def _check_common(layer: FakeLayer, keep: torch.Tensor, budget: int, sink: int, recent: int) -> None:
+    b, h, length = layer.positions.shape
+    assert keep.shape == (b, h, budget)
+    for row in keep.reshape(-1, budget):
+        assert len(set(row.tolist())) == budget, "duplicate slots"
+    forced = forced_mask(layer.valid, sink, recent)
+    kept = torch.zeros(b, h, length, dtype=torch.bool).scatter_(-1, keep, True)
+    assert not (forced & ~kept).any(), "a sink or recent token was evicted"
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=layer_case(), host=st.sampled_from(HOSTS))
+def test_host_selection_invariants(case, host):
+    layer, sink, recent, budget = case
+    extra = ",window=2" if host == "snapkv" else ""
+    policy = parse_policy(f"{host}:budget={budget},sink={sink},recent={recent}{extra}")
+    keep = policy.select(layer, budget)
+    _check_common(layer, keep, budget, sink, recent)
+    if policy.shared:
+        assert (keep == keep[:, :1]).all(), "a layer-shared policy kept different slots per head"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    case=layer_case(),
+    host=st.sampled_from(HOSTS),
+    anchor=st.sampled_from(["random", "mean", "alternate", "zeros", "ones"]),
+    pick=st.sampled_from(["bucket", "ovg", "linspace"]),
+    share=st.floats(0.0, 1.0),
+)
+def test_kvcrush_token_invariants(case, host, anchor, pick, share):
+    layer, sink, recent, budget = case
+    crush = int(share * (budget - sink - recent))
+    extra = ",window=2" if host == "snapkv" else ""
+    spec = (
+        f"{host}+kvcrush:budget={budget},sink={sink},recent={recent}{extra},crush={crush},anchor={anchor},pick={pick}"
+    )
+    policy = parse_policy(spec)
+    keep = policy.select(layer, budget)
+    _check_common(layer, keep, budget, sink, recent)
+    host_keep = policy.host.select(layer, budget - crush)
+    b, h, length = layer.positions.shape
+    kept = torch.zeros(b, h, length, dtype=torch.bool).scatter_(-1, keep, True)
+    by_host = torch.zeros_like(kept).scatter_(-1, host_keep, True)
+    assert not (by_host & ~kept).any(), "KVCrush dropped a token the host kept"
+    reps = kept & ~by_host
+    assert (reps.sum(-1) == crush).all()
+    # representatives come only from the host's evicted set, and are real tokens whenever enough exist
+    evicted = layer.valid & ~by_host & ~forced_mask(layer.valid, sink, recent)
+    enough = evicted.sum(-1) >= crush
+    assert not (reps & ~evicted)[enough].any()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    case=layer_case(), block=st.integers(1, 4), share=st.floats(0.0, 1.0), anchor=st.sampled_from(["mean", "random"])
+)
+def test_kvcrush_block_invariants(case, block, share, anchor):
+    layer, sink, recent, budget = case
+    crush = int(share * (budget - sink - recent))
+    spec = f"h2o+kvcrush:budget={budget},sink={sink},recent={recent},crush={crush},granularity=block,block={block}"
+    spec += f",anchor={anchor}"
+    policy = parse_policy(spec)
+    keep = policy.select(layer, budget)
+    _check_common(layer, keep, budget, sink, recent)
+    assert (keep == keep[:, :1]).all(), "block granularity is layer-shared"
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    m=st.integers(0, 40),
+    extra=st.integers(0, 10),
+    k=st.integers(0, 20),
+    rule=st.sampled_from(["bucket", "ovg", "linspace"]),
+    seed=st.integers(0, 999),
+)
+def test_representatives_come_from_candidates(m, extra, k, rule, seed):
+    gen = torch.Generator().manual_seed(seed)
+    n = m + extra
+    if n == 0 or k > n:
+        return
+    distance = torch.randint(0, 5, (1, n), generator=gen)
+    perm = torch.randperm(n, generator=gen)
+    candidates = torch.zeros(1, n, dtype=torch.bool)
+    candidates[0, perm[:m]] = True
+    reps = pick_representatives(distance, candidates, k, rule, fillers=~candidates)[0]
+    assert len(set(reps.tolist())) == k
+    taken = candidates[0, reps]
+    assert int(taken.sum()) == min(k, m), "candidates must be used before fillers"
+    if rule == "bucket" and 0 < k <= m:
+        # one pick per equal-size bucket of the distance-sorted candidates
+        order = candidates[0].nonzero().squeeze(1)
+        order = order[torch.sort(distance[0, order], stable=True).indices]
+        ranks = sorted(int((order == r).nonzero()) for r in reps)
+        for i, rank in enumerate(ranks):
+            assert i * m // k <= rank < (i + 1) * m // k + (1 if (i + 1) * m % k else 0)

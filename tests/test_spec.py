@@ -1,0 +1,86 @@
+"""Spec strings: parsing, canonical form and clear errors for bad input."""
+
+from __future__ import annotations
+
+import pytest
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import crushkv
+from crushkv.policies import KVCrush, parse_policy
+from policy_matrix import all_specs
+
+
+@pytest.mark.parametrize("spec", all_specs(budget=64) + all_specs(budget=0.5))
+def test_canonical_spec_round_trips(spec):
+    policy = parse_policy(spec)
+    again = parse_policy(policy.spec)
+    assert again == policy
+    assert again.spec == policy.spec
+
+
+def test_issue_examples_parse():
+    assert parse_policy("full").compresses is False
+    assert parse_policy("streaming:budget=512,sink=4").sink == 4
+    h2o = parse_policy("h2o:budget=512,recent=32")
+    assert (h2o.budget, h2o.recent, h2o.phase) == (512, 32, "decode")
+    snap = parse_policy("snapkv:budget=0.25,window=32,kernel=7")
+    assert (snap.budget, snap.window, snap.kernel, snap.phase) == (0.25, 32, 7, "prefill")
+    crush = parse_policy("h2o+kvcrush:budget=512,crush=384,anchor=mean")
+    assert isinstance(crush, KVCrush) and crush.crush == 384 and crush.anchor == "mean" and crush.phase == "decode"
+    block = parse_policy("snapkv+kvcrush:budget=1024,crush=0.25,anchor=alternate,granularity=block,block=32")
+    assert (block.granularity, block.block, block.crush) == ("block", 32, 0.25)
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("h2oo:budget=10", "valid policies: full, h2o"),
+        ("h2o:budgt=10", "valid keys: budget"),
+        ("h2o:budget=10,anchor=mean", "unknown key 'anchor'"),
+        ("h2o+kvcrush:budget=512,crush=384,anchor=median", "valid anchors: random, mean"),
+        ("h2o:budget=20,sink=4,recent=32", "smaller than sink+recent"),
+        ("h2o+kvcrush:budget=64,crush=60,recent=8", "fewer than its sink+recent"),
+        ("kvcrush:budget=64", "kvcrush wraps a host"),
+        ("h2o+snapkv:budget=64", "only wrapper is '+kvcrush'"),
+        ("full+kvcrush:budget=64", "compressing host"),
+        ("h2o", "a budget is required"),
+        ("h2o:budget=1.5", "ratio of the context"),
+        ("h2o:budget=ten", "must be a number"),
+        ("h2o:budget=64,phase=later", "phase must be one of"),
+        ("h2o:budget", "expected key=value"),
+        ("h2o+kvcrush:budget=64,granularity=page", "granularity must be one of"),
+        ("snapkv:budget=64,kernel=4", "positive odd"),
+        ("", "non-empty"),
+    ],
+)
+def test_bad_specs_fail_clearly(spec, message):
+    with pytest.raises(ValueError, match=message.replace("+", r"\+").replace("(", r"\(")):
+        parse_policy(spec)
+
+
+def test_unsupported_model_is_rejected():
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="unsupported model type 'gpt2'"), crushkv.compress(model, "h2o:budget=64"):
+        pass
+
+
+def test_ratio_too_small_for_context_fails_at_run_time(arch_model):
+    import torch
+
+    _, model = arch_model
+    ids = torch.randint(1, 90, (1, 20))
+    with (
+        pytest.raises(ValueError, match="fewer than the"),
+        crushkv.compress(model, "h2o:budget=0.1,sink=4,recent=8") as c,
+    ):
+        model(ids, past_key_values=c)
+
+
+def test_cache_outside_its_context_is_an_error(arch_model):
+    import torch
+
+    _, model = arch_model
+    with crushkv.compress(model, "h2o:budget=16,sink=2,recent=4") as cache:
+        pass
+    with pytest.raises(RuntimeError, match="only valid inside"):
+        model(torch.randint(1, 90, (1, 8)), past_key_values=cache)
