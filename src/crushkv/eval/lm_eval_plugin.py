@@ -81,7 +81,7 @@ def register(name: str = MODEL_NAME) -> type:
     from lm_eval.api import registry
 
     cls = model_class()
-    if registry.MODEL_REGISTRY.get(name) is not cls:
+    if registry.MODEL_REGISTRY.get(name, None) is not cls:
         registry.register_model(name)(cls)
     return cls
 

@@ -180,7 +180,7 @@ def niah_heatmap(records: list[dict[str, Any]], title: str, path: Path) -> Path 
     for (d, n), vals in cells.items():
         grid[depths.index(d), lengths.index(n)] = sum(vals) / len(vals)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(1.2 + 0.7 * len(lengths), 1.0 + 0.35 * len(depths)), dpi=90)
+    fig, ax = plt.subplots(figsize=(2.4 + 0.6 * len(lengths), 1.2 + 0.3 * len(depths)), dpi=90)
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
