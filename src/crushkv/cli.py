@@ -20,7 +20,8 @@ SUBCOMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="crushkv", description="KV-cache compression (KVCrush + baselines) for transformers")
+    description = "KV-cache compression (KVCrush + baselines) for transformers"
+    parser = argparse.ArgumentParser(prog="crushkv", description=description)
     sub = parser.add_subparsers(dest="command", required=True)
     seen: set[str] = set()
     for module_name in dict.fromkeys(SUBCOMMANDS.values()):
