@@ -15,6 +15,7 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from crushkv.attention_math import attend, visibility
 from crushkv.cache import CompressedLayer
+from crushkv.profiling import PROFILER
 
 NAME = "crushkv"
 #: attribute set on attention modules while a ``compress`` context is active
@@ -69,23 +70,28 @@ def compressed_attention(layer: CompressedLayer, query, attention_mask, scaling:
 
     plain = layer.contiguous and bool(valid.all()) and q_len in (1, layer.physical_length)
     visible = None if plain else visibility(*source)  # None: plain causal prompt, or one unmasked new token
-    out, stats = attend(
-        query,
-        layer.keys,
-        layer.values,
-        visible,
-        visible is None and q_len > 1,
-        row_valid,
-        scaling,
-        softcap,
-        request,
-        rows,
-    )
+    with PROFILER.section("attention"):
+        out, stats = attend(
+            query,
+            layer.keys,
+            layer.values,
+            visible,
+            visible is None and q_len > 1,
+            row_valid,
+            scaling,
+            softcap,
+            request,
+            rows,
+        )
     if active:
-        policy.observe(layer, stats, first)
+        with PROFILER.section("observe"):
+            policy.observe(layer, stats, first)
         budget = policy.budget_for(layer)
         if layer.physical_length > budget:
-            layer.prune(policy.select(layer, budget))
+            with PROFILER.section("select"):
+                keep = policy.select(layer, budget)
+            with PROFILER.section("gather"):
+                layer.prune(keep)
     layer.forwards += 1
     return out
 

@@ -19,6 +19,7 @@ import torch
 
 from crushkv.crush import ANCHORS, PICK_RULES, hamming, indicators, make_anchor, pick_representatives, token_signatures
 from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
+from crushkv.profiling import PROFILER
 from crushkv.selection import forced_mask, priority, to_mask, topk_slots
 
 GRANULARITIES = ("token", "block")
@@ -137,13 +138,18 @@ class KVCrush:
         valid = layer.valid[:, 0]  # [B, L], identical across heads
         forced = forced_mask(valid, host.sink, host.recent)
         host_scores = host.host_priority_scores(layer)  # [B, Hs, L]
-        heads = host_scores.shape[1]
         host_idx = topk_slots(
             priority(host_scores, forced[:, None].expand_as(host_scores), valid[:, None]), host_tokens
         )
+        with PROFILER.section("kvcrush"):
+            return self._add_representatives(layer, host_idx, valid, forced, crush_tokens)
+
+    def _add_representatives(self, layer, host_idx, valid, forced, crush_tokens: int) -> torch.Tensor:
+        """Signatures, anchor, Hamming distances and bucket picks among the host's evicted slots."""
+        heads = host_idx.shape[1]
         host_mask = to_mask(host_idx, valid.shape[-1])
         region = valid & ~forced
-        signature_scores = host.head_scores(layer).flatten(1, 2)  # one bit per (query) head
+        signature_scores = self.host.head_scores(layer).flatten(1, 2)  # one bit per (query) head
         signatures = token_signatures(signature_scores, region)  # [B, L, S]
         anchor = self._anchor(layer, signatures, region)
         distance = hamming(signatures, anchor)[:, None].expand(-1, heads, -1)
@@ -159,6 +165,11 @@ class KVCrush:
         forced = forced_mask(valid, host.sink, host.recent)
         token_scores = host.head_scores(layer).float().mean((1, 2))  # [B, L] layer-level score
         region = valid & ~forced
+        with PROFILER.section("kvcrush"):
+            return self._block_rows(layer, token_scores, valid, forced, region, host_tokens, crush_tokens)
+
+    def _block_rows(self, layer, token_scores, valid, forced, region, host_tokens: int, crush_tokens: int):
+        """Block choice per batch row, topped up to the exact budget with the best remaining tokens."""
         budget = host_tokens + crush_tokens
         rows = []
         for b in range(valid.shape[0]):
