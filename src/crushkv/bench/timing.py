@@ -28,6 +28,12 @@ class GenerationRun:
     max_nbytes: int
     output_ids: list[int] = field(repr=False)
     sections: dict[str, float] = field(default_factory=dict)
+    #: real K/V storage bytes after the prefill and after every decode step (``new_tokens`` entries)
+    nbytes_trace: list[int] = field(default_factory=list, repr=False)
+    #: bytes of the K/V tensors' elements at the end (kept slots x heads x dim), to compare with ``nbytes``
+    logical_nbytes: int = 0
+    #: profiler seconds spent during the prefill alone (a snapshot of ``sections`` after the first forward)
+    prefill_sections: dict[str, float] = field(default_factory=dict)
 
     @property
     def decode_tokens_per_s(self) -> float:
@@ -66,14 +72,15 @@ def timed_generation(
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         prefill = time.perf_counter() - start
+        prefill_sections = dict(prof.seconds) if prof is not None else {}
         generated = [int(token)]
-        max_bytes = cache.nbytes()
+        trace = [cache.nbytes()]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
             out = model(token, past_key_values=cache)
             token = out.logits[:, -1:].argmax(-1)
             generated.append(int(token))
-            max_bytes = max(max_bytes, cache.nbytes())
+            trace.append(cache.nbytes())
         _sync(device)
         decode = time.perf_counter() - start
         sections = dict(prof.seconds) if prof is not None else {}
@@ -86,8 +93,20 @@ def timed_generation(
             kept_tokens=[cache.kept_tokens()[i] for i in cache.compressed_layers],
             nbytes=cache.nbytes(),
             full_nbytes=cache.full_nbytes(),
-            max_nbytes=max_bytes,
+            max_nbytes=max(trace),
             output_ids=generated,
             sections=sections,
+            nbytes_trace=trace,
+            logical_nbytes=logical_nbytes(cache),
+            prefill_sections=prefill_sections,
         )
+
+
+def logical_nbytes(cache) -> int:
+    """Bytes of the K/V elements a cache holds (``numel x element size``), whatever storage backs them."""
+    total = 0
+    for layer in cache.layers:
+        if layer.is_initialized:
+            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
+    return total
 

@@ -1,0 +1,125 @@
+"""``crushkv bench`` plumbing on a tiny random Llama: fields, same-run ratios, exponent fit, JSON and PNG."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from crushkv.bench import commands
+from crushkv.bench.fit import fit_exponent
+from crushkv.bench.runner import GROWTH_METRICS, BenchSettings, expected_tokens, run_bench
+
+POLICIES = ["snapkv:budget=0.5,window=8,sink=0", "h2o+kvcrush:budget=0.5,crush=0.25,anchor=mean,recent=8"]
+LENGTHS = [64, 128]
+
+
+@pytest.fixture(scope="module")
+def report():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    config = LlamaConfig(
+        vocab_size=128,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+    )
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 160))
+    settings = BenchSettings(lengths=LENGTHS, policies=POLICIES, new_tokens=4, repeats=2, meta={"model": "tiny"})
+    return run_bench(model, ids, settings, progress=False)
+
+
+def test_cells_have_every_field(report):
+    cells = report["cells"]
+    assert len(cells) == len(LENGTHS) * 3
+    assert {c["policy"].split(":")[0] for c in cells} == {"full", "snapkv", "h2o+kvcrush"}
+    for c in cells:
+        for key in (
+            "prefill_s",
+            "ttft_s",
+            "decode_tokens_per_s",
+            "e2e_s",
+            "scoring_overhead_s",
+            "host_select_s",
+            "kvcrush_s",
+            "gather_s",
+            "observe_s",
+            "kv_nbytes",
+            "kv_logical_nbytes",
+            "full_nbytes",
+            "max_nbytes",
+            "peak_mem_bytes",
+            "peak_mem_kind",
+            "bytes_vs_expected_max_dev",
+            "vs_full",
+        ):
+            assert key in c, key
+        assert c["e2e_s"] == pytest.approx(c["prefill_s"] + c["decode_s"])
+        assert c["kv_nbytes"] == c["kv_logical_nbytes"]  # compact storage: no hidden slack
+        assert abs(c["bytes_vs_expected_max_dev"]) <= 0.02
+        assert c["bytes_steps_checked"] == 4
+    kvcrush = [c for c in cells if "+kvcrush" in c["policy"]]
+    assert all(c["kvcrush_s"] > 0 for c in kvcrush)
+    assert all(c["scoring_overhead_s"] == 0 for c in cells if c["policy"] == "full")
+
+
+def test_ratios_come_from_the_same_run(report):
+    cells = report["cells"]
+    for c in cells:
+        full = next(f for f in cells if f["policy"] == "full" and f["length"] == c["length"])
+        assert c["vs_full"]["prefill"] == pytest.approx(c["prefill_s"] / full["prefill_s"])
+        assert c["vs_full"]["e2e"] == pytest.approx(c["e2e_s"] / full["e2e_s"])
+        assert c["vs_full"]["kv_nbytes"] == pytest.approx(c["kv_nbytes"] / full["kv_nbytes"])
+        tps = c["decode_tokens_per_s"] / full["decode_tokens_per_s"]
+        assert c["vs_full"]["decode_tokens_per_s"] == pytest.approx(tps)
+        if c["policy"] == "full":
+            assert c["vs_full"]["e2e"] == 1.0
+    assert set(report["fits"]) == {c["policy"] for c in cells}
+    assert all(set(f) == set(GROWTH_METRICS) for f in report["fits"].values())
+    assert any(t["target"].startswith("kvcrush") for t in report["targets"])
+
+
+def test_exponent_fit_on_synthetic_data():
+    lengths = [1024, 2048, 4096, 8192]
+    fit = fit_exponent(lengths, [3e-6 * n**1.7 for n in lengths])
+    assert fit["exponent"] == pytest.approx(1.7)
+    assert fit["coef"] == pytest.approx(3e-6)
+    assert fit["r2"] == pytest.approx(1.0)
+    assert math.isnan(fit_exponent([1024], [1.0])["exponent"])
+    assert fit_exponent([1, 2], [0.0, 0.0])["points"] == 0
+
+
+def test_expected_tokens_by_phase():
+    assert expected_tokens("full", 100, 3) == 103
+    assert expected_tokens("snapkv:budget=0.25,window=8", 100, 3) == 28  # prefill phase: grows after compression
+    assert expected_tokens("h2o:budget=0.25,recent=8", 100, 3) == 25  # decode phase: cut back every step
+
+
+def test_json_png_and_tables(report, tmp_path):
+    from crushkv.bench.plots import plot_growth
+
+    out = commands.write_report(report, tmp_path / "bench.json")
+    loaded = json.loads(out.read_text())
+    assert loaded["meta"]["lengths"] == LENGTHS and len(loaded["cells"]) == 6
+    png = plot_growth(report, tmp_path / "bench.png", title="tiny")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = commands.format_report(report)
+    assert "| ctx | policy |" in text and "scoring overhead" in text and "exponent" in text
+
+
+def test_parse_lengths_and_cli_parser():
+    assert commands.parse_lengths("1k,2k,4096,1k") == [1024, 2048, 4096]
+    with pytest.raises(ValueError):
+        commands.parse_lengths("0")
+    from crushkv.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--lengths", "1k,2k", "--policy", "h2o:budget=0.25", "--threads", "1"])
+    assert args.func is commands.run and args.policy == ["h2o:budget=0.25"] and args.new_tokens == 32
