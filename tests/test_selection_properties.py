@@ -127,3 +127,15 @@ def test_representatives_come_from_candidates(m, extra, k, rule, seed):
         ranks = sorted(int((order == r).nonzero()) for r in reps)
         for i, rank in enumerate(ranks):
             assert i * m // k <= rank < (i + 1) * m // k + (1 if (i + 1) * m % k else 0)
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(2, 40), seed=st.integers(0, 999), ties=st.booleans())
+def test_drop_one_fast_path_matches_the_sort(length, seed, ties):
+    from crushkv.selection import topk_slots
+
+    prio = torch.rand(2, 3, length, generator=torch.Generator().manual_seed(seed))
+    if ties:
+        prio = (prio * 2).floor()
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., : length - 1].sort(-1).values
+    assert torch.equal(topk_slots(prio, length - 1), order)

@@ -77,6 +77,8 @@ def attend(
     rows_of = visible_rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
     stats = Stats()
 
+    if request.rows == ALL_ROWS and visible is None and causal and q == length:
+        return _causal_prompt_pass(grouped, keys, values, scaling, softcap, request)
     if request.rows == ALL_ROWS or (q == 1 and not request.empty):
         acc = _Accumulator((b, hk, g, length), query.device, count=True)
         out = torch.empty(b, hk, g, q, d, dtype=query.dtype, device=query.device)
@@ -105,6 +107,45 @@ def attend(
         if request.last:
             stats.last = probs[:, :, :, -1]
     return out, stats
+
+
+def _causal_prompt_pass(
+    grouped: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    scaling: float,
+    softcap: float | None,
+    request: StatsRequest,
+) -> tuple[torch.Tensor, Stats]:
+    """Output and all-row statistics of a causal prompt without padding, skipping the masked upper triangle.
+
+    Row block ``[i0, i1)`` only reads keys ``[0, i1)`` and only its diagonal block needs a mask, which halves the
+    work of the generic pass and builds no ``rows x L`` boolean mask.
+    """
+    b, hk, g, q, d = grouped.shape
+    colsum = torch.zeros(b, hk, g, q, dtype=torch.float32, device=grouped.device)
+    count = torch.zeros(b, hk, q, dtype=torch.float32, device=grouped.device)
+    out = torch.empty(b, hk, g, q, d, dtype=grouped.dtype, device=grouped.device)
+    step = max(1, CHUNK_ELEMENTS // max(1, b * hk * g * q))
+    stats = Stats()
+    for i0 in range(0, q, step):
+        i1 = min(q, i0 + step)
+        rows = i1 - i0
+        scaled = grouped[:, :, :, i0:i1].reshape(b, hk, g * rows, d) * scaling
+        logits = torch.matmul(scaled, keys[:, :, :i1].transpose(-1, -2)).view(b, hk, g, rows, i1).float()
+        if softcap is not None:
+            logits = torch.tanh(logits / softcap) * softcap
+        future = torch.ones(rows, rows, dtype=torch.bool, device=grouped.device).triu(1)
+        logits[..., i0:i1].masked_fill_(future, float("-inf"))
+        probs = torch.softmax(logits, dim=-1)
+        out[:, :, :, i0:i1] = _weighted_values(probs, values[:, :, :i1])
+        colsum[..., :i1] += probs.sum(-2)
+        count[..., :i0] += rows
+        count[..., i0:i1] += (~future).sum(0).float()
+        if request.last and i1 == q:
+            stats.last = F.pad(probs[:, :, :, -1], (0, q - i1))
+    stats.colsum, stats.count = colsum, count
+    return out.view(b, hk * g, q, d).transpose(1, 2), stats
 
 
 def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:

@@ -34,6 +34,11 @@ def topk_slots(prio: torch.Tensor, k: int) -> torch.Tensor:
     length = prio.shape[-1]
     if k > length:
         raise ValueError(f"cannot keep {k} slots out of {length}")
+    if k == length - 1:
+        # steady decoding state: drop one slot, the last of the lowest-priority ones (what the stable sort drops)
+        drop = length - 1 - prio.flip(-1).argmin(-1, keepdim=True)
+        keep = torch.arange(k, device=prio.device).expand(*prio.shape[:-1], k)
+        return keep + (keep >= drop).long()
     # stable descending sort: equal priorities keep slot order, so results are deterministic
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :k]
     return order.sort(dim=-1).values
