@@ -113,6 +113,10 @@ def test_json_png_and_tables(report, tmp_path):
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     text = commands.format_report(report)
     assert "| ctx | policy |" in text and "scoring overhead" in text and "exponent" in text
+    from crushkv.cli import build_parser
+
+    args = build_parser().parse_args(["bench", "--from-json", str(out), "--png", str(tmp_path / "again.png")])
+    assert args.func(args) == 0 and (tmp_path / "again.png").exists()  # tables and plot from a saved report
 
 
 def test_parse_lengths_and_cli_parser():

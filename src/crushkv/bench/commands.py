@@ -33,6 +33,7 @@ def add_parser(subparsers) -> None:
     p.add_argument("--png", default="", help="log-log plot path (default: the JSON path with .png)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run per policy")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--from-json", default="", help="re-print the tables and re-plot a saved report; measure nothing")
     p.set_defaults(func=run)
 
 
@@ -70,6 +71,14 @@ def run(args: argparse.Namespace) -> int:
     from crushkv.bench.runner import BenchSettings, run_bench
     from crushkv.models import load_model
 
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        png = Path(args.png) if args.png else Path(args.from_json).with_suffix(".png")
+        meta = report["meta"]
+        title = f"{meta.get('model', '')} on {meta['device']} ({meta.get('dtype', '')}, {meta['threads']} threads)"
+        plot_growth(report, png, title=title)
+        print(format_report(report))
+        return 0
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = parse_lengths(args.lengths)

@@ -34,14 +34,14 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     policies = list(dict.fromkeys(c["policy"] for c in cells))
     fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
-        for policy in policies:
+        for i, policy in enumerate(policies):
             rows = [c for c in cells if c["policy"] == policy]
             xs = [c["length"] for c in rows if _value(c, key) > 0]
             ys = [_value(c, key) for c in rows if _value(c, key) > 0]
             if not xs:
                 continue
             k = fit_exponent(xs, ys)["exponent"]
-            ax.plot(xs, ys, marker="o", label=f"{short_name(policy)} (k={k:.2f})")
+            ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{short_name(policy)} (k={k:.2f})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_title(label, fontsize=9)

@@ -59,6 +59,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
             f"prompt has {prompt_ids.shape[1]} tokens, fewer than the longest length {max(settings.lengths)}"
         )
     device = prompt_ids.device
+    env = environment(device)  # load average before the measurements
     if settings.warmup:  # first calls pay one-off costs (kernels, allocator growth): keep them out of the numbers
         warm = prompt_ids[:, : min(settings.lengths)]
         for spec in specs:
@@ -83,7 +84,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
     bar.close()
     report = {
         "meta": {
-            **environment(device),
+            **env,
             **settings.meta,
             "lengths": settings.lengths,
             "policies": specs,

@@ -109,4 +109,3 @@ def logical_nbytes(cache) -> int:
         if layer.is_initialized:
             total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
     return total
-
