@@ -20,8 +20,15 @@ def format_table(rows: list[dict[str, Any]]) -> str:
     """Plain-text table of :func:`crushkv.models.catalog_status` rows."""
     header = ["name", "arch", "params", "installed", "converted", "size", "description"]
     body = [
-        [r["name"], r["arch"], _fmt_params(r["params_m"]), "yes" if r["installed"] else "no",
-         "yes" if r["converted"] else "no", _fmt_size(r["size"]), r["description"]]
+        [
+            r["name"],
+            r["arch"],
+            _fmt_params(r["params_m"]),
+            "yes" if r["installed"] else "no",
+            "yes" if r["converted"] else "no",
+            _fmt_size(r["size"]),
+            r["description"],
+        ]
         for r in rows
     ]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *body)]
