@@ -65,3 +65,20 @@ def test_oracle_detects_a_wrong_mask(arch_model):
     masks[layer][1, 0, row, kept[len(kept) // 2]] = False  # hide one kept token from the last query
     reference = oracle_logits(model, sequence, generation_positions(full_mask), masks)
     assert not torch.allclose(out.logits[-1][1], reference[1, row], atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "spec", ["h2o+kvcrush:budget=12,crush=4,sink=2,recent=4,interval=3", "tova:budget=10,recent=2,interval=4"]
+)
+def test_interval_eviction_matches_oracle(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+def test_interval_bounds_the_cache(arch_model):
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    with crushkv.compress(model, "h2o:budget=12,sink=2,recent=4,interval=4") as cache:
+        _, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS)
+    sizes = [h[i].shape[-1] for h in recorder.history for i in h]
+    assert min(sizes) == 12 and max(sizes) == 12 + 4 - 1

@@ -87,7 +87,8 @@ def compressed_attention(layer: CompressedLayer, query, attention_mask, scaling:
         with PROFILER.section("observe"):
             policy.observe(layer, stats, first)
         budget = policy.budget_for(layer)
-        if layer.physical_length > budget:
+        slack = 0 if first else policy.interval - 1
+        if layer.physical_length > budget + slack:
             with PROFILER.section("select"):
                 keep = policy.select(layer, budget)
             with PROFILER.section("gather"):

@@ -61,7 +61,14 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
 
 
 def short_name(spec: str) -> str:
-    """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25`` (the host name and budget)."""
+    """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25 decode`` (host, budget, phase, interval > 1)."""
     head, _, tail = spec.partition(":")
     fields = dict(part.split("=", 1) for part in tail.split(",") if "=" in part)
-    return f"{head} b={fields['budget']}" if "budget" in fields else head
+    if "budget" not in fields:
+        return head
+    label = f"{head} b={fields['budget']}"
+    if "phase" in fields:
+        label += f" {fields['phase']}"
+    if fields.get("interval", "1") != "1":
+        label += f" every {fields['interval']}"
+    return label

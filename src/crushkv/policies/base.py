@@ -77,6 +77,8 @@ class Policy:
     compression (float in (0, 1]); it counts every kept token, sink and recent included.
     ``sink``: first tokens always kept. ``recent``: last tokens always kept.
     ``phase``: ``prefill`` compresses once after the prompt; ``decode`` cuts back to the budget after every forward.
+    ``interval`` (decode phase): cut back only once ``interval`` tokens have been added since the last cut, so the
+    cache holds at most ``budget + interval - 1`` tokens and the selection cost is paid once per ``interval`` steps.
     """
 
     name: ClassVar[str] = ""
@@ -90,6 +92,7 @@ class Policy:
     sink: int = 4
     recent: int = 32
     phase: str = ""
+    interval: int = 1
 
     def __post_init__(self) -> None:
         if not self.phase:
@@ -103,6 +106,8 @@ class Policy:
             raise ValueError(f"{self.name}: phase must be one of {PHASES}, got {self.phase!r}")
         if self.sink < 0 or self.recent < 0:
             raise ValueError(f"{self.name}: sink and recent must be >= 0")
+        if self.interval < 1:
+            raise ValueError(f"{self.name}: interval must be >= 1, got {self.interval}")
         if not self.compresses:
             return
         if self.budget is None:

@@ -85,6 +85,10 @@ class KVCrush:
         return self.host.budget
 
     @property
+    def interval(self) -> int:
+        return self.host.interval
+
+    @property
     def shared(self) -> bool:
         return self.host.shared or self.granularity == "block"
 
