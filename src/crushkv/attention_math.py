@@ -125,7 +125,11 @@ def _causal_prompt_pass(
     b, hk, g, q, d = grouped.shape
     colsum = torch.zeros(b, hk, g, q, dtype=torch.float32, device=grouped.device)
     count = torch.zeros(b, hk, q, dtype=torch.float32, device=grouped.device)
-    out = torch.empty(b, hk, g, q, d, dtype=grouped.dtype, device=grouped.device)
+    fused = _fused_output_and_lse(grouped, keys, values, scaling, softcap)
+    if fused is not None:
+        out, lse = fused
+    else:
+        out, lse = torch.empty(b, hk, g, q, d, dtype=grouped.dtype, device=grouped.device), None
     step = max(1, CHUNK_ELEMENTS // max(1, b * hk * g * q))
     stats = Stats()
     for i0 in range(0, q, step):
@@ -137,15 +141,39 @@ def _causal_prompt_pass(
             logits = torch.tanh(logits / softcap) * softcap
         future = torch.ones(rows, rows, dtype=torch.bool, device=grouped.device).triu(1)
         logits[..., i0:i1].masked_fill_(future, float("-inf"))
-        probs = torch.softmax(logits, dim=-1)
-        out[:, :, :, i0:i1] = _weighted_values(probs, values[:, :, :i1])
+        if lse is None:
+            probs = torch.softmax(logits, dim=-1)
+            out[:, :, :, i0:i1] = _weighted_values(probs, values[:, :, :i1])
+        else:  # the output came from the fused kernel: probabilities are exp(logit - logsumexp of the row)
+            probs = logits.sub_(lse[..., i0:i1, None]).exp_()
         colsum[..., :i1] += probs.sum(-2)
         count[..., :i0] += rows
         count[..., i0:i1] += (~future).sum(0).float()
         if request.last and i1 == q:
             stats.last = F.pad(probs[:, :, :, -1], (0, q - i1))
     stats.colsum, stats.count = colsum, count
+    if fused is not None:
+        return out.transpose(1, 2), stats
     return out.view(b, hk * g, q, d).transpose(1, 2), stats
+
+
+def _fused_output_and_lse(
+    grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, softcap: float | None
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Causal attention output ``[B, Hq, q, d]`` and per-row log-sum-exp ``[B, Hk, G, q]`` from PyTorch's fused CPU
+    flash kernel, or ``None`` where it is unavailable (other devices, softcapping, older torch)."""
+    kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if kernel is None or softcap is not None or grouped.device.type != "cpu":
+        return None
+    b, hk, g, q, d = grouped.shape
+    query = grouped.reshape(b, hk * g, q, d)
+    if g > 1:
+        keys, values = keys.repeat_interleave(g, dim=1), values.repeat_interleave(g, dim=1)
+    try:
+        out, lse = kernel(query, keys, values, 0.0, True, scale=scaling)
+    except RuntimeError:
+        return None
+    return out, lse.float().view(b, hk, g, q)
 
 
 def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
