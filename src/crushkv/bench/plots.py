@@ -60,15 +60,19 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     return path
 
 
-def short_name(spec: str) -> str:
-    """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25 decode`` (host, budget, phase, interval > 1)."""
+def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval")) -> str:
+    """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25 decode`` (host and the chosen settings).
+
+    ``budget`` prints as ``b=``, ``phase`` bare, ``interval`` only when > 1 (``every N``), other keys as ``k=v``.
+    """
     head, _, tail = spec.partition(":")
     fields = dict(part.split("=", 1) for part in tail.split(",") if "=" in part)
     if "budget" not in fields:
         return head
-    label = f"{head} b={fields['budget']}"
-    if "phase" in fields:
-        label += f" {fields['phase']}"
-    if fields.get("interval", "1") != "1":
-        label += f" every {fields['interval']}"
-    return label
+    words = [head]
+    for key in keys:
+        value = fields.get(key)
+        if value is None or (key == "interval" and value == "1"):
+            continue
+        words.append({"budget": f"b={value}", "phase": value, "interval": f"every {value}"}.get(key, f"{key}={value}"))
+    return " ".join(words)

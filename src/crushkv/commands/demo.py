@@ -52,8 +52,13 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+LABEL_KEYS = ("budget", "crush", "anchor", "phase", "interval")
+
+
 def format_rows(rows) -> str:
     """Markdown table: memory, speed and answer per policy, ratios against the first (full) row."""
+    from crushkv.bench.plots import short_name
+
     base = rows[0][0]
     header = (
         "| policy | kept/layer | KV MB held | vs full | prefill s | decode tok/s | decode vs full | needle |\n"
@@ -63,14 +68,8 @@ def format_rows(rows) -> str:
     for run_, _answer, hit in rows:
         kept = sum(run_.kept_tokens) / len(run_.kept_tokens)
         lines.append(
-            f"| `{run_.policy.split(':')[0]}` {_short(run_.policy)} | {kept:.0f} | {run_.nbytes / 1e6:.1f} | "
+            f"| {short_name(run_.policy, LABEL_KEYS)} | {kept:.0f} | {run_.nbytes / 1e6:.1f} | "
             f"{run_.nbytes / base.full_nbytes:.1%} | {run_.prefill_s:.2f} | {run_.decode_tokens_per_s:.1f} | "
             f"{run_.decode_tokens_per_s / base.decode_tokens_per_s:.2f}x | {'yes' if hit else 'no'} |"
         )
     return "\n".join(lines)
-
-
-def _short(spec: str) -> str:
-    keys = ("budget", "crush", "anchor", "phase")
-    fields = dict(part.split("=", 1) for part in spec.partition(":")[2].split(",") if "=" in part)
-    return " ".join(f"{k}={fields[k]}" for k in keys if k in fields)
