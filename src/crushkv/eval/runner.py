@@ -28,6 +28,7 @@ class RunOptions:
     attn_implementation: str = "sdpa"
     seed: int = 1234
     limit: int | None = None
+    batch_size: int = 1
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -82,6 +83,7 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
         "compression": mode,
         "seed": opts.seed,
         "limit": opts.limit,
+        "batch_size": opts.batch_size,
         "primary_metric": task.primary,
         "records": records_path.name,
         **opts.extra,
@@ -112,15 +114,18 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
     desc = f"{task.name} {results.policy_slug(canonical).rsplit('_', 1)[0]} {mode}"
     try:
         with records_path.open("a", encoding="utf-8") as fh:
-            bar = tqdm(todo, desc=desc, unit="ex", disable=not opts.progress, dynamic_ncols=True)
+            bar = tqdm(total=len(todo), desc=desc, unit="ex", disable=not opts.progress, dynamic_ncols=True)
             running: list[float] = []
-            for ex in bar:
-                record = task.evaluate(model, tokenizer, ex, policy, mode)
-                record.update(task=task.name, policy=canonical, compression=mode, model=opts.model)
-                results.append_record(fh, record)
-                if task.primary in record:
-                    running.append(float(record[task.primary]))
-                    bar.set_postfix({task.primary: f"{sum(running) / len(running):.3g}"})
+            size = max(int(opts.batch_size), 1)
+            for start in range(0, len(todo), size):
+                for record in task.evaluate_batch(model, tokenizer, todo[start : start + size], policy, mode):
+                    record.update(task=task.name, policy=canonical, compression=mode, model=opts.model)
+                    results.append_record(fh, record)
+                    bar.update(1)
+                    if task.primary in record:
+                        running.append(float(record[task.primary]))
+                        bar.set_postfix({task.primary: f"{sum(running) / len(running):.3g}"})
+            bar.close()
     except KeyboardInterrupt:
         status = "interrupted"
         raise
