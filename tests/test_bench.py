@@ -16,8 +16,7 @@ POLICIES = ["snapkv:budget=0.5,window=8,sink=0", "h2o+kvcrush:budget=0.5,crush=0
 LENGTHS = [64, 128]
 
 
-@pytest.fixture(scope="module")
-def report():
+def tiny_llama():
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
@@ -31,7 +30,12 @@ def report():
         num_key_value_heads=2,
         max_position_embeddings=512,
     )
-    model = LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="module")
+def report():
+    model = tiny_llama()
     ids = torch.randint(0, 128, (1, 160))
     settings = BenchSettings(lengths=LENGTHS, policies=POLICIES, new_tokens=4, repeats=2, meta={"model": "tiny"})
     return run_bench(model, ids, settings, progress=False)
@@ -127,3 +131,18 @@ def test_parse_lengths_and_cli_parser():
 
     args = build_parser().parse_args(["bench", "--lengths", "1k,2k", "--policy", "h2o:budget=0.25", "--threads", "1"])
     assert args.func is commands.run and args.policy == ["h2o:budget=0.25"] and args.new_tokens == 32
+
+
+def test_agreement_rows():
+    from crushkv.bench.agreement import agreement, format_rows
+
+    ref = "h2o:budget=0.25,sink=2,recent=4,phase=prefill"
+    others = [ref.replace("phase=", "stride=4,phase="), "streaming:budget=0.25,sink=2,phase=prefill"]
+    rows = agreement(tiny_llama(), {300: torch.randint(0, 128, (1, 300))}, ref, others)
+    by = {r["policy"]: r for r in rows}
+    assert by[ref]["jaccard_mean"] == by[ref]["jaccard_min"] == 1.0
+    assert 0.0 < by[others[0]]["jaccard_min"] <= by[others[0]]["jaccard_mean"] <= 1.0
+    assert by[others[1]]["jaccard_mean"] < by[others[0]]["jaccard_mean"]  # sampled H2O is closer to H2O
+    for r in rows:
+        assert r["full_s"] > 0 and r["prefill_s"] > 0 and r["length"] == 300
+    assert "(reference)" in format_rows(rows)

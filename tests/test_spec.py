@@ -31,6 +31,14 @@ def test_issue_examples_parse():
     assert (block.granularity, block.block, block.crush) == ("block", 32, 0.25)
 
 
+def test_options_at_their_default_stay_out_of_canonical_specs():
+    """``h2o``'s ``stride`` came later: at 1 it is not printed, so earlier result files keep their identity."""
+    assert "stride" not in parse_policy("h2o:budget=64").spec
+    assert "stride" not in parse_policy("h2o+kvcrush:budget=512,crush=384").spec
+    sampled = parse_policy("h2o:budget=64,stride=4")
+    assert "stride=4" in sampled.spec and parse_policy(sampled.spec) == sampled
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -50,6 +58,7 @@ def test_issue_examples_parse():
         ("h2o:budget", "expected key=value"),
         ("h2o+kvcrush:budget=64,granularity=page", "granularity must be one of"),
         ("snapkv:budget=64,kernel=4", "positive odd"),
+        ("h2o:budget=64,stride=0", "stride must be an int >= 1"),
         ("", "non-empty"),
     ],
 )

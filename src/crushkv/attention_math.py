@@ -10,10 +10,12 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from crushkv.policies.base import ALL_ROWS, Stats, StatsRequest
+from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, Stats, StatsRequest
 
-#: probabilities materialised per chunk (elements); 16M floats = 64 MB
-CHUNK_ELEMENTS = 1 << 24
+#: probabilities materialised per chunk of the generic pass (elements); 2M floats = 8 MB, cache-friendly
+CHUNK_ELEMENTS = 1 << 21
+#: probabilities per row block of the causal prompt statistics pass
+STATS_BLOCK_ELEMENTS = 1 << 21
 
 
 def visibility(positions: torch.Tensor, valid: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
@@ -119,42 +121,82 @@ def _causal_prompt_pass(
 ) -> tuple[torch.Tensor, Stats]:
     """Output and all-row statistics of a causal prompt without padding, skipping the masked upper triangle.
 
-    Row block ``[i0, i1)`` only reads keys ``[0, i1)`` and only its diagonal block needs a mask, which halves the
-    work of the generic pass and builds no ``rows x L`` boolean mask.
+    The output comes from a fused kernel where one exists (CPU flash attention also returns each row's log-sum-exp,
+    so a probability block is a single ``exp`` of an augmented matmul ``[q*scale, -lse] @ [k, 1]^T``); otherwise it is
+    accumulated from the probability blocks. Blocks of ~``STATS_BLOCK_ELEMENTS`` stay in cache between the matmul,
+    the ``exp`` and the column sum. ``request.stride > 1`` samples every ``stride``-th row before the last
+    ``TAIL_ROWS`` (weighted by ``stride``) and scores the tail exactly.
     """
     b, hk, g, q, d = grouped.shape
-    colsum = torch.zeros(b, hk, g, q, dtype=torch.float32, device=grouped.device)
-    count = torch.zeros(b, hk, q, dtype=torch.float32, device=grouped.device)
     fused = _fused_output_and_lse(grouped, keys, values, scaling, softcap)
+    stride = max(1, int(request.stride))
+    if fused is None and (stride == 1 or softcap is not None):
+        stride = 1  # the output must come from the probabilities of every row
     if fused is not None:
         out, lse = fused
+    elif stride > 1:
+        flat = grouped.reshape(b, hk * g, q, d)
+        out, lse = _sdpa(flat, keys, values, None, True, scaling, None, b, hk, g, q, q).transpose(1, 2), None
     else:
         out, lse = torch.empty(b, hk, g, q, d, dtype=grouped.dtype, device=grouped.device), None
-    step = max(1, CHUNK_ELEMENTS // max(1, b * hk * g * q))
+    if lse is not None:  # exp(q.k*scale - lse) straight from one matmul; lse split in two parts for 16-bit dtypes
+        parts = [-lse] if grouped.dtype == torch.float32 else _split_hi_lo(-lse, grouped.dtype)
+        query = torch.cat([grouped * scaling, *(p[..., None].to(grouped.dtype) for p in parts)], dim=-1)
+        keys_in = torch.cat([keys, keys.new_ones(b, hk, q, len(parts))], dim=-1)
+    else:
+        query, keys_in = grouped * scaling, keys
+
+    colsum = torch.zeros(b, hk, g, q, dtype=torch.float32, device=grouped.device)
+    tail = q if stride == 1 else min(q, TAIL_ROWS)
+    step = max(8, STATS_BLOCK_ELEMENTS // max(1, b * hk * g * q))
+    sampled = torch.arange(q - tail - 1, -1, -stride, device=grouped.device).flip(0)
+    for j0 in range(0, sampled.numel(), step):  # sampled rows, each standing for ``stride`` rows
+        rows = sampled[j0 : j0 + step]
+        i1 = int(rows[-1]) + 1
+        future = torch.arange(i1, device=grouped.device)[None, :] > rows[:, None]
+        probs = _block_probs(query[:, :, :, rows], keys_in[:, :, :i1], future, None, softcap, lse is not None)
+        colsum[..., :i1] += probs.sum(-2).mul_(stride)
     stats = Stats()
-    for i0 in range(0, q, step):
+    for i0 in range(q - tail, q, step):  # exact rows, only the diagonal block is masked
         i1 = min(q, i0 + step)
-        rows = i1 - i0
-        scaled = grouped[:, :, :, i0:i1].reshape(b, hk, g * rows, d) * scaling
-        logits = torch.matmul(scaled, keys[:, :, :i1].transpose(-1, -2)).view(b, hk, g, rows, i1).float()
-        if softcap is not None:
-            logits = torch.tanh(logits / softcap) * softcap
-        future = torch.ones(rows, rows, dtype=torch.bool, device=grouped.device).triu(1)
-        logits[..., i0:i1].masked_fill_(future, float("-inf"))
-        if lse is None:
-            probs = torch.softmax(logits, dim=-1)
+        future = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)
+        probs = _block_probs(query[:, :, :, i0:i1], keys_in[:, :, :i1], future, i0, softcap, lse is not None)
+        if fused is None and stride == 1:
             out[:, :, :, i0:i1] = _weighted_values(probs, values[:, :, :i1])
-        else:  # the output came from the fused kernel: probabilities are exp(logit - logsumexp of the row)
-            probs = logits.sub_(lse[..., i0:i1, None]).exp_()
         colsum[..., :i1] += probs.sum(-2)
-        count[..., :i0] += rows
-        count[..., i0:i1] += (~future).sum(0).float()
         if request.last and i1 == q:
-            stats.last = F.pad(probs[:, :, :, -1], (0, q - i1))
+            stats.last = probs[:, :, :, -1]
+    count = (q - torch.arange(q, device=grouped.device, dtype=torch.float32)).expand(b, hk, q).clone()
     stats.colsum, stats.count = colsum, count
-    if fused is not None:
+    if out.dim() == 4:
         return out.transpose(1, 2), stats
     return out.view(b, hk * g, q, d).transpose(1, 2), stats
+
+
+def _split_hi_lo(x: torch.Tensor, dtype: torch.dtype) -> list[torch.Tensor]:
+    """``x`` as the sum of two ``dtype`` numbers (keeps ~16 mantissa bits through a 16-bit matmul)."""
+    hi = x.to(dtype).float()
+    return [hi, x - hi]
+
+
+def _block_probs(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    future: torch.Tensor,
+    diag_from: int | None,
+    softcap: float | None,
+    normalised: bool,
+) -> torch.Tensor:
+    """Probabilities ``[B, Hk, G, r, i1]`` (fp32) of a row block; ``future`` masks ``[r, i1]``, or only the diagonal
+    block ``[r, r]`` starting at column ``diag_from``. ``normalised``: the logits already have the row's lse
+    subtracted (augmented matmul), so ``exp`` is the probability."""
+    b, hk, g, r, d = query.shape
+    logits = torch.matmul(query.reshape(b, hk, g * r, d), keys.transpose(-1, -2)).view(b, hk, g, r, -1).float()
+    if softcap is not None:
+        logits = torch.tanh(logits / softcap) * softcap
+    target = logits if diag_from is None else logits[..., diag_from : diag_from + r]
+    target.masked_fill_(future, float("-inf"))
+    return logits.exp_() if normalised else torch.softmax(logits, dim=-1)
 
 
 def _fused_output_and_lse(

@@ -26,6 +26,8 @@ if TYPE_CHECKING:
 
 PHASES = ("prefill", "decode")
 ALL_ROWS = -1
+#: prompt rows always scored exactly when a ``StatsRequest`` samples rows with ``stride > 1``
+TAIL_ROWS = 64
 
 
 @dataclass(frozen=True)
@@ -34,10 +36,13 @@ class StatsRequest:
 
     ``rows``: ``None`` for no column sums, ``ALL_ROWS`` for every query row, ``w > 0`` for the last ``w`` rows.
     ``last``: also return the attention row of the last query.
+    ``stride``: with ``ALL_ROWS`` on an unpadded causal prompt, estimate the column sums from every ``stride``-th
+    query row (weighted by ``stride``) plus the last ``TAIL_ROWS`` rows exactly; 1 = exact.
     """
 
     rows: int | None = None
     last: bool = False
+    stride: int = 1
 
     @property
     def empty(self) -> bool:
@@ -182,6 +187,8 @@ def format_fields(obj: object, skip: tuple[str, ...] = ()) -> str:
         if f.name in skip or not f.init:
             continue
         value = getattr(obj, f.name)
+        if f.metadata.get("omit_default") and value == f.default:
+            continue  # options added later stay out of canonical specs at their default: old results still match
         if isinstance(value, bool):
             value = str(value).lower()
         parts.append(f"{f.name}={value}")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -23,14 +23,17 @@ class H2O(Policy):
     name = "h2o"
     default_phase = "decode"
     norm: str = "raw"
+    stride: int = field(default=1, metadata={"omit_default": True})
 
     def validate(self) -> None:
         super().validate()
         if self.norm not in NORMS:
             raise ValueError(f"h2o: norm must be one of {NORMS}, got {self.norm!r}")
+        if isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1:
+            raise ValueError(f"h2o: stride must be an int >= 1 (1 = exact statistics), got {self.stride!r}")
 
     def request(self, first: bool, q_len: int) -> StatsRequest:
-        return StatsRequest(rows=ALL_ROWS)
+        return StatsRequest(rows=ALL_ROWS, stride=self.stride if first else 1)
 
     def observe(self, layer, stats: Stats, first: bool) -> None:
         layer.accumulate("score", stats.colsum)

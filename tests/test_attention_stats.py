@@ -1,0 +1,95 @@
+"""Attention statistics (H2O-style column sums, counts, last row) against a naive softmax reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crushkv.attention_math as am
+from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, StatsRequest
+
+B, HK, G, D = 2, 2, 3, 16
+
+
+def _inputs(q: int, dtype: torch.dtype = torch.float32, seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    query = torch.randn(B, HK * G, q, D, generator=gen).mul(2.0).to(dtype)
+    keys = torch.randn(B, HK, q, D, generator=gen).to(dtype)
+    values = torch.randn(B, HK, q, D, generator=gen).to(dtype)
+    return query, keys, values
+
+
+def _naive(query, keys, values, scaling):
+    """Output ``[B, q, Hq, D]``, column sums ``[B, Hk, G, q]``, last row, from an explicit causal softmax (fp64)."""
+    q = query.shape[2]
+    k = keys.double().repeat_interleave(G, dim=1)
+    logits = query.double() @ k.transpose(-1, -2) * scaling
+    logits = logits.masked_fill(torch.ones(q, q, dtype=torch.bool).triu(1), float("-inf"))
+    probs = logits.softmax(-1)
+    out = (probs @ values.double().repeat_interleave(G, dim=1)).transpose(1, 2)
+    grouped = probs.view(B, HK, G, q, q)
+    return out, grouped.sum(-2), grouped[..., -1, :]
+
+
+def _run(query, keys, values, request, visible=None):
+    q = query.shape[2]
+    row_valid = torch.ones(B, q, dtype=torch.bool)
+    return am.attend(query, keys, values, visible, visible is None, row_valid, D**-0.5, None, request)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-lse", "no-kernel"])
+@pytest.mark.parametrize("block", [1 << 21, 600], ids=["one-block", "many-blocks"])
+def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, fused: bool, block: int) -> None:
+    monkeypatch.setattr(am, "STATS_BLOCK_ELEMENTS", block)
+    if not fused:
+        monkeypatch.setattr(am, "_fused_output_and_lse", lambda *a: None)
+    query, keys, values = _inputs(157)
+    out, stats = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, last=True))
+    ref_out, ref_colsum, ref_last = _naive(query, keys, values, D**-0.5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(stats.colsum.double(), ref_colsum, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(stats.last.double(), ref_last, atol=1e-6, rtol=1e-5)
+    expected_count = (157 - torch.arange(157)).float().expand(B, HK, 157)
+    assert torch.equal(stats.count, expected_count)
+
+
+def test_prompt_statistics_bfloat16() -> None:
+    query, keys, values = _inputs(203, torch.bfloat16)
+    _, stats = _run(query, keys, values, StatsRequest(rows=ALL_ROWS))
+    _, ref_colsum, _ = _naive(query, keys, values, D**-0.5)
+    # every row's probabilities sum to one, so the total mass is exactly the number of rows
+    torch.testing.assert_close(
+        stats.colsum.sum(-1).double(), torch.full((B, HK, G), 203.0, dtype=torch.float64), rtol=2e-2, atol=0
+    )
+    rel = (stats.colsum.double() - ref_colsum).abs().sum() / ref_colsum.abs().sum()
+    assert rel < 2e-2, rel
+
+
+def test_masked_path_matches_prompt_path() -> None:
+    """The generic (explicit visibility) pass and the causal prompt pass agree."""
+    query, keys, values = _inputs(90)
+    visible = torch.ones(90, 90, dtype=torch.bool).tril()[None, None].expand(B, 1, 90, 90)
+    out_a, a = _run(query, keys, values, StatsRequest(rows=ALL_ROWS), visible=visible)
+    out_b, b = _run(query, keys, values, StatsRequest(rows=ALL_ROWS))
+    torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(a.colsum, b.colsum, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(a.count, b.count)
+
+
+@pytest.mark.parametrize("fused", [True, False], ids=["fused-lse", "sdpa-output"])
+@pytest.mark.parametrize("stride", [2, 5])
+def test_strided_statistics(monkeypatch: pytest.MonkeyPatch, fused: bool, stride: int) -> None:
+    if not fused:
+        monkeypatch.setattr(am, "_fused_output_and_lse", lambda *a: None)
+    q = 400
+    query, keys, values = _inputs(q, seed=1)
+    out, stats = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, stride=stride))
+    ref_out, ref_colsum, _ = _naive(query, keys, values, D**-0.5)
+    torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)  # the output is always exact
+    tail = slice(q - TAIL_ROWS, q)  # columns only the exact tail rows can see
+    torch.testing.assert_close(stats.colsum[..., tail].double(), ref_colsum[..., tail], atol=1e-4, rtol=1e-5)
+    sampled = len(range(q - TAIL_ROWS - 1, -1, -stride))
+    total = torch.full((B, HK, G), float(sampled * stride + TAIL_ROWS), dtype=torch.float64)
+    torch.testing.assert_close(stats.colsum.sum(-1).double(), total, atol=1e-3, rtol=1e-6)
+    rel = (stats.colsum.double() - ref_colsum).abs().sum() / ref_colsum.abs().sum()
+    assert 0 < rel < 0.35, rel  # an estimate, not the exact sums
