@@ -151,6 +151,10 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     for label in ("| Full |", "| H2O 64-0 |", "| H2O 128-0 |", "| KVCrush 16-48 (mean) |", "| KVCrush 32-96 (mean) |"):
         assert label in text
     assert "## niah (question-agnostic)" in text and "tiny acc" in text
+    # paired section: 4 compressed runs vs Full, and each KVCrush run vs the H2O run of the same budget
+    assert "Paired comparisons (tiny" in text
+    assert "| KVCrush 16-48 (mean) | H2O 64-0 | acc | 2 |" in text and "| H2O 128-0 | Full | acc | 2 |" in text
+    assert "| KVCrush 16-48 (mean) | H2O 128-0 |" not in text
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert len(pngs) == 6  # 1 accuracy-vs-budget plot + 5 heatmaps
     assert all(p.stat().st_size > 1000 for p in pngs)

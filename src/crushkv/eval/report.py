@@ -7,6 +7,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from crushkv.eval import paired as stats
 from crushkv.eval import results
 
 DISPLAY = {
@@ -117,6 +118,54 @@ def markdown_table(task: str, runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
+    """(method, reference) indices: every compressed run vs Full, and every KVCrush run vs each plain host run with
+    the same total budget."""
+    labels = [policy_label(s["policy"]) for _, s in runs]
+    full = [i for i, lab in enumerate(labels) if lab[0] == "Full"]
+    pairs = [(i, j) for i, lab in enumerate(labels) if lab[0] != "Full" for j in full]
+    for i, (family, budget, _) in enumerate(labels):
+        if "KVCrush" not in family or budget is None:
+            continue
+        pairs += [
+            (i, j)
+            for j, other in enumerate(labels)
+            if other[0] not in ("Full",) and "KVCrush" not in other[0] and other[1] == budget
+        ]
+    return pairs
+
+
+def paired_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """Paired comparisons on the common examples of one model: accuracies with 95 % Wilson intervals, wins/losses
+    (method right and reference wrong / the reverse) and the exact McNemar p-value. Empty for non-0/1 metrics."""
+    records = [results.records_for(path) for path, _ in runs]
+    labels = _disambiguate([s["policy"] for _, s in runs])
+    metrics = [(key, name) for key, name, *_ in _columns(task, [s for _, s in runs])]
+    lines = []
+    for i, j in _pairs(runs):
+        for key, name in metrics:
+            if not (stats.is_binary(records[i], key) and stats.is_binary(records[j], key)):
+                continue
+            cmp = stats.paired(records[i], records[j], key)
+            if cmp.n == 0:
+                continue
+            lo, hi = stats.wilson(cmp.method * cmp.n, cmp.n)
+            rlo, rhi = stats.wilson(cmp.reference * cmp.n, cmp.n)
+            lines.append(
+                f"| {labels[runs[i][1]['policy']]} | {labels[runs[j][1]['policy']]} | {name} | {cmp.n} "
+                f"| {100 * cmp.method:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] "
+                f"| {100 * cmp.reference:.1f} [{100 * rlo:.0f}, {100 * rhi:.0f}] "
+                f"| {cmp.wins}/{cmp.losses} | {cmp.p_value:.3g} |"
+            )
+    if not lines:
+        return ""
+    head = [
+        "| Method | vs | metric | n (common) | method % [95% CI] | reference % [95% CI] | wins/losses | McNemar p |",
+        "|---|---|---|---:|---:|---:|---:|---:|",
+    ]
+    return "\n".join(head + lines)
+
+
 def _plt() -> Any:
     import matplotlib
 
@@ -220,6 +269,18 @@ def write_report(results_dir: Path, out: Path | None = None) -> Path:
             png = budget_plot(task, model, mode, mine, fig_dir / f"{task}__{results.model_slug(model)}__{mode}.png")
             if png:
                 lines += ["", f"![{task} vs budget]({png.relative_to(out.parent).as_posix()})"]
+            table = paired_table(
+                task,
+                [(p, s) for p, s in found if (s["task"], s.get("compression", "?"), s["model"]) == (task, mode, model)],
+            )
+            if table:
+                lines += [
+                    "",
+                    f"Paired comparisons ({results.model_slug(model)}, same examples; wins = method right "
+                    "and reference wrong; exact McNemar test on the discordant examples):",
+                    "",
+                    table,
+                ]
     heatmaps = []
     for path, s in found:
         if s.get("task") != "niah":
