@@ -160,3 +160,27 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     assert all(p.stat().st_size > 1000 for p in pngs)
     for png in pngs:
         assert f"figures/{png.name}" in text
+    assert "tiny n |" in text and "Same examples for every run" not in text
+    # one run extended past the others: the main table shows its own n, a second table rescored on the common 2
+    assert (
+        main(
+            [
+                "eval",
+                *NIAH_ARGS,
+                "--limit",
+                "3",
+                "--out",
+                str(tmp_path),
+                "--policy",
+                "full",
+                "--compression",
+                "question-agnostic",
+            ]
+        )
+        == 0
+    )
+    assert main(["report", str(tmp_path)]) == 0
+    text = (tmp_path / "report.md").read_text()
+    common = text.split("Same examples for every run (tiny")[1].split("Paired comparisons")[0]
+    assert "| Full | " in common and all(line.endswith(" | 2 |") for line in common.splitlines() if "| KVCrush" in line)
+    assert "| Full | " in common and "| 2 |" in common.split("| Full | ")[1].splitlines()[0]

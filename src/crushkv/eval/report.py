@@ -105,6 +105,7 @@ def markdown_table(task: str, runs: list[dict[str, Any]]) -> str:
     cell = {(r["model"], r["policy"]): r for r in runs}
     header = ["Method"] + [f"{results.model_slug(m)} {c[1]}" for m in models for c in cols]
     header += [f"{results.model_slug(m)} kept" for m in models]
+    header += [f"{results.model_slug(m)} n" for m in models]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for spec in specs:
         row = [labels[spec]]
@@ -114,7 +115,32 @@ def markdown_table(task: str, runs: list[dict[str, Any]]) -> str:
         for m in models:
             kept = cell.get((m, spec), {}).get("means", {}).get("kept_tokens")
             row.append("–" if kept is None else f"{kept:.0f}")
+        row += [str(cell.get((m, spec), {}).get("n", "–")) for m in models]
         lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
+def common_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """The main table recomputed on the examples that every run of one model has (runs stopped at different
+    ``--limit`` are otherwise not comparable). Empty when all runs cover the same examples or for metrics that are
+    not per-example means (perplexity)."""
+    if task == "ppl" or len(runs) < 2:
+        return ""
+    records = [results.records_for(path) for path, _ in runs]
+    ids = [{r["id"] for r in recs} for recs in records]
+    common = set.intersection(*ids)
+    if not common or all(len(i) == len(common) for i in ids):
+        return ""
+    cols = [c for c in _columns(task, [s for _, s in runs]) if all(c[0] in r for recs in records for r in recs)]
+    if not cols:
+        return ""
+    labels = _disambiguate([s["policy"] for _, s in runs])
+    order = sorted(range(len(runs)), key=lambda i: _sort_key(runs[i][1]["policy"]))
+    lines = ["| Method | " + " | ".join(c[1] for c in cols) + " | n |", "|" + "---|" * (len(cols) + 2)]
+    for i in order:
+        mine = [r for r in records[i] if r["id"] in common]
+        vals = [_fmt(sum(float(r[key]) for r in mine) / len(mine), scale, dec) for key, _, scale, dec in cols]
+        lines.append(f"| {labels[runs[i][1]['policy']]} | " + " | ".join(vals) + f" | {len(mine)} |")
     return "\n".join(lines)
 
 
@@ -262,17 +288,25 @@ def write_report(results_dir: Path, out: Path | None = None) -> Path:
     for s in runs:
         groups[(s["task"], s.get("compression", "?"))].append(s)
     for (task, mode), group in sorted(groups.items()):
-        n = sorted({f"{results.model_slug(s['model'])}: n={s.get('n')}" for s in group})
-        lines += ["", f"## {task} ({mode})", "", markdown_table(task, group), "", "n per run: " + "; ".join(n)]
+        lines += ["", f"## {task} ({mode})", "", markdown_table(task, group)]
         for model in sorted({s["model"] for s in group}):
             mine = [s for s in group if s["model"] == model]
             png = budget_plot(task, model, mode, mine, fig_dir / f"{task}__{results.model_slug(model)}__{mode}.png")
             if png:
                 lines += ["", f"![{task} vs budget]({png.relative_to(out.parent).as_posix()})"]
-            table = paired_table(
-                task,
-                [(p, s) for p, s in found if (s["task"], s.get("compression", "?"), s["model"]) == (task, mode, model)],
-            )
+            own = [
+                (p, s) for p, s in found if (s["task"], s.get("compression", "?"), s["model"]) == (task, mode, model)
+            ]
+            same = common_table(task, own)
+            if same:
+                lines += [
+                    "",
+                    f"Same examples for every run ({results.model_slug(model)}: the runs above stopped at different "
+                    "`--limit`, so here each is scored on the examples they all have):",
+                    "",
+                    same,
+                ]
+            table = paired_table(task, own)
             if table:
                 lines += [
                     "",
