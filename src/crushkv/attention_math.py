@@ -121,17 +121,18 @@ def _causal_prompt_pass(
 ) -> tuple[torch.Tensor, Stats]:
     """Output and all-row statistics of a causal prompt without padding, skipping the masked upper triangle.
 
-    The output comes from a fused kernel where one exists (CPU flash attention also returns each row's log-sum-exp,
-    so a probability block is a single ``exp`` of an augmented matmul ``[q*scale, -lse] @ [k, 1]^T``); otherwise it is
-    accumulated from the probability blocks. Blocks of ~``STATS_BLOCK_ELEMENTS`` stay in cache between the matmul,
-    the ``exp`` and the column sum. ``request.stride > 1`` samples every ``stride``-th row before the last
+    Exact statistics (``stride == 1``): output and column sums come from the same probability blocks (one ``QK^T``).
+    With row sampling (``stride > 1``) the output comes from a fused kernel where one exists (CPU flash attention
+    also returns each row's log-sum-exp, so a sampled probability block is a single ``exp`` of an augmented matmul
+    ``[q*scale, -lse] @ [k, 1]^T``), else from SDPA. Blocks of ~``STATS_BLOCK_ELEMENTS`` stay in cache between the
+    matmul, the ``exp`` and the column sum. ``request.stride > 1`` samples every ``stride``-th row before the last
     ``TAIL_ROWS`` (weighted by ``stride``) and scores the tail exactly.
     """
     b, hk, g, q, d = grouped.shape
-    fused = _fused_output_and_lse(grouped, keys, values, scaling, softcap)
-    stride = max(1, int(request.stride))
-    if fused is None and (stride == 1 or softcap is not None):
-        stride = 1  # the output must come from the probabilities of every row
+    stride = max(1, int(request.stride)) if softcap is None else 1
+    # Exact statistics: one pass (QK^T, softmax, PV and column sums per row block) beats the fused kernel plus a
+    # second QK^T for the statistics (measured on CPU: +83 vs +146 ms per SmolLM2 layer at 4k over plain SDPA).
+    fused = _fused_output_and_lse(grouped, keys, values, scaling, softcap) if stride > 1 else None
     if fused is not None:
         out, lse = fused
     elif stride > 1:
