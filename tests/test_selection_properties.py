@@ -139,3 +139,79 @@ def test_drop_one_fast_path_matches_the_sort(length, seed, ties):
         prio = (prio * 2).floor()
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., : length - 1].sort(-1).values
     assert torch.equal(topk_slots(prio, length - 1), order)
+
+
+def _stable_topk_reference(prio: torch.Tensor, k: int) -> torch.Tensor:
+    return torch.sort(prio, dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    length=st.integers(1, 60),
+    k=st.integers(0, 60),
+    seed=st.integers(0, 999),
+    ties=st.booleans(),
+    infs=st.booleans(),
+)
+def test_selection_top_k_matches_the_stable_sort(length, k, seed, ties, infs):
+    from crushkv.selection import mask_to_indices, top_mask, topk_slots
+
+    k = min(k, length)
+    gen = torch.Generator().manual_seed(seed)
+    prio = torch.rand(2, 3, length, generator=gen)
+    if ties:
+        prio = (prio * 3).floor()
+    if infs:  # forced slots (+inf) and padding (-inf), as ``priority`` produces them
+        special = torch.randint(0, 4, prio.shape, generator=gen)
+        prio = prio.masked_fill(special == 0, float("inf")).masked_fill(special == 1, float("-inf"))
+    expected = _stable_topk_reference(prio, k)
+    assert torch.equal(topk_slots(prio, k), expected)
+    mask = top_mask(prio, k)
+    assert torch.equal(mask.sum(-1), torch.full(prio.shape[:-1], k))
+    assert torch.equal(mask_to_indices(mask, k), expected)
+
+
+@settings(max_examples=100, deadline=None)
+@given(length=st.integers(2, 50), seed=st.integers(0, 999), ties=st.booleans(), pad=st.integers(0, 5))
+def test_indicators_match_the_rank_definition(length, seed, ties, pad):
+    from crushkv.crush import indicators
+
+    gen = torch.Generator().manual_seed(seed)
+    scores = torch.rand(2, 4, length, generator=gen)
+    if ties:
+        scores = (scores * 2).floor()
+    region = torch.ones(2, 4, length, dtype=torch.bool)
+    region[..., : min(pad, length)] = False
+    if pad % 2:  # rows with different region sizes take the sort path, the others the selection path
+        region[0, :, -1] = False
+    prio = torch.where(region, scores, torch.full_like(scores, float("-inf")))
+    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
+    expected = torch.zeros_like(region)
+    for b in range(2):
+        for h in range(4):
+            half = int(region[b, h].sum()) // 2
+            expected[b, h, order[b, h, :half]] = True
+    assert torch.equal(indicators(scores, region), expected & region)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    n=st.integers(2, 40),
+    k=st.integers(1, 20),
+    rule=st.sampled_from(["bucket", "ovg", "linspace"]),
+    seed=st.integers(0, 999),
+    steady=st.booleans(),
+)
+def test_representative_mask_matches_the_picks(n, k, rule, seed, steady):
+    from crushkv.crush import representative_mask
+
+    gen = torch.Generator().manual_seed(seed)
+    m = min(k + 1, n) if steady else int(torch.randint(0, n + 1, (1,), generator=gen))
+    k = min(k, n)
+    distance = torch.randint(0, 4, (2, n), generator=gen)
+    candidates = torch.zeros(2, n, dtype=torch.bool)
+    for row in range(2):
+        candidates[row, torch.randperm(n, generator=gen)[:m]] = True
+    picks = pick_representatives(distance, candidates, k, rule, fillers=~candidates)
+    expected = torch.zeros_like(candidates).scatter_(-1, picks, True)
+    assert torch.equal(representative_mask(distance, candidates, k, rule, fillers=~candidates), expected)

@@ -3,7 +3,8 @@
 1. ``indicators``: per signature head, the top half of a region's tokens by attention score get bit 1.
 2. ``make_anchor``: a reference bit vector (random | mean | alternate | zeros | ones).
 3. ``hamming``: distance of every signature to the anchor.
-4. ``pick_representatives``: sort the host's evicted candidates by distance and keep one per equal-size bucket.
+4. ``pick_representatives``: sort the host's evicted candidates by distance and keep one per equal-size bucket
+   (``representative_mask``: the same set as a mask, without a sort in steady decoding).
 
 Signatures are ``[..., T, S]`` bit matrices: token granularity uses one bit per attention head (``S`` = heads),
 block granularity (OpenVINO GenAI's paged variant) one bit per token of a block (``S`` = block size).
@@ -12,6 +13,8 @@ block granularity (OpenVINO GenAI's paged variant) one bit per token of a block 
 from __future__ import annotations
 
 import torch
+
+from crushkv.selection import top_mask
 
 ANCHORS = ("random", "mean", "alternate", "zeros", "ones")
 PICK_RULES = ("bucket", "ovg", "linspace")
@@ -23,11 +26,14 @@ def indicators(scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     ``scores``/``region``: ``[..., T]``; ties go to the earlier token, so the result is deterministic.
     """
     prio = torch.where(region, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    half = region.sum(-1, keepdim=True) // 2
+    if prio.numel() and bool((half == half.flatten()[0]).all()):
+        # every row keeps the same count (the usual case): O(T) selection instead of a sort
+        return top_mask(prio, int(half.flatten()[0])) & region
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
     )
-    half = region.sum(-1, keepdim=True) // 2
     return (rank < half) & region
 
 
@@ -92,6 +98,29 @@ def pick_representatives(
     rank = bucket_ranks(m, safe_k, i, rule)
     rank = torch.where(i < k_eff[..., None], rank, m[..., None] + i - k_eff[..., None])
     return order.gather(-1, rank)
+
+
+def representative_mask(
+    distance: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    rule: str = "bucket",
+    fillers: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Boolean ``[..., T]`` mask of the slots ``pick_representatives`` returns.
+
+    Fast path for steady decoding, where every row has exactly ``k + 1`` candidates: with ``bucket``/``ovg`` picks the
+    buckets have size one and the ranks kept are ``0..k-1``, i.e. the only candidate dropped is the last one in
+    (distance, slot) order: the largest distance, the latest slot among ties. No sort is needed for that.
+    """
+    length = distance.shape[-1]
+    if rule in ("bucket", "ovg") and k >= 1 and distance.numel() and bool((candidates.sum(-1) == k + 1).all()):
+        key = torch.where(candidates, distance.long(), torch.full_like(distance, -1, dtype=torch.long))
+        drop = length - 1 - key.flip(-1).argmax(-1, keepdim=True)
+        return candidates & (torch.arange(length, device=distance.device) != drop)
+    picks = pick_representatives(distance, candidates, k, rule, fillers)
+    mask = torch.zeros(*distance.shape[:-1], length, dtype=torch.bool, device=distance.device)
+    return mask.scatter_(-1, picks, True)
 
 
 def bucket_ranks(m: torch.Tensor, k: torch.Tensor, i: torch.Tensor, rule: str) -> torch.Tensor:

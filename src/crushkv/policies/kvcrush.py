@@ -17,10 +17,19 @@ from typing import ClassVar
 
 import torch
 
-from crushkv.crush import ANCHORS, PICK_RULES, hamming, indicators, make_anchor, pick_representatives, token_signatures
+from crushkv.crush import (
+    ANCHORS,
+    PICK_RULES,
+    hamming,
+    indicators,
+    make_anchor,
+    pick_representatives,
+    representative_mask,
+    token_signatures,
+)
 from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
 from crushkv.profiling import PROFILER
-from crushkv.selection import forced_mask, priority, to_mask, topk_slots
+from crushkv.selection import forced_mask, mask_to_indices, priority, to_mask, topk_slots
 
 GRANULARITIES = ("token", "block")
 
@@ -158,8 +167,9 @@ class KVCrush:
         anchor = self._anchor(layer, signatures, region)
         distance = hamming(signatures, anchor)[:, None].expand(-1, heads, -1)
         candidates = region[:, None] & ~host_mask
-        reps = pick_representatives(distance, candidates, crush_tokens, self.pick, fillers=~host_mask)
-        keep = torch.cat([host_idx, reps], dim=-1).sort(dim=-1).values
+        reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask)
+        # representatives lie outside the host's set, so the union has exactly host + crush slots per row
+        keep = mask_to_indices(host_mask | reps, host_idx.shape[-1] + crush_tokens)
         return keep.expand(-1, layer.num_heads, -1) if heads == 1 else keep
 
     # ------------------------------------------------------------------ block granularity (OpenVINO GenAI's)
