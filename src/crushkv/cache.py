@@ -119,13 +119,21 @@ class CompressedLayer(DynamicLayer):
 
     def prune(self, keep: torch.Tensor) -> None:
         """Keep only slots ``keep`` (``[B, H, k]``, ascending): new compact tensors, the old storage is released."""
-        d = self.keys.shape[-1]
-        self.keys = self.keys.gather(2, keep[..., None].expand(-1, -1, -1, d))
-        self.values = self.values.gather(2, keep[..., None].expand(-1, -1, -1, self.values.shape[-1]))
-        self.positions = self.positions.gather(2, keep)
-        self.valid = self.valid.gather(2, keep)
+        b, h, length = self.positions.shape
+        # one flat row index per kept slot: index_select copies whole head_dim rows (about 10x faster than gather)
+        rows = (keep + torch.arange(b * h, device=keep.device).view(b, h, 1) * length).flatten()
+        self.keys = _take_rows(self.keys, rows, keep.shape)
+        self.values = _take_rows(self.values, rows, keep.shape)
+        self.positions = self.positions.reshape(-1).index_select(0, rows).view(keep.shape)
+        self.valid = self.valid.reshape(-1).index_select(0, rows).view(keep.shape)
         self.state = {name: _gather_slots(t, keep) for name, t in self.state.items()}
         self.contiguous = False
+
+
+def _take_rows(tensor: torch.Tensor, rows: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    """Rows ``rows`` of ``[B, H, L, d]`` flattened to ``[B*H*L, d]``, shaped back to ``[*shape, d]``."""
+    d = tensor.shape[-1]
+    return tensor.reshape(-1, d).index_select(0, rows).view(*shape, d)
 
 
 def _gather_slots(tensor: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
