@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from crushkv.selection import top_mask
+from crushkv.selection import to_mask, top_mask
 
 ANCHORS = ("random", "mean", "alternate", "zeros", "ones")
 PICK_RULES = ("bucket", "ovg", "linspace")
@@ -27,9 +27,10 @@ def indicators(scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """
     prio = torch.where(region, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
     half = region.sum(-1, keepdim=True) // 2
-    if prio.numel() and bool((half == half.flatten()[0]).all()):
+    first = half.flatten()[0] if half.numel() else None
+    if first is not None and bool((half == first).all()):
         # every row keeps the same count (the usual case): O(T) selection instead of a sort
-        return top_mask(prio, int(half.flatten()[0])) & region
+        return top_mask(prio, int(first)) & region
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
@@ -118,9 +119,7 @@ def representative_mask(
         key = torch.where(candidates, distance.long(), torch.full_like(distance, -1, dtype=torch.long))
         drop = length - 1 - key.flip(-1).argmax(-1, keepdim=True)
         return candidates & (torch.arange(length, device=distance.device) != drop)
-    picks = pick_representatives(distance, candidates, k, rule, fillers)
-    mask = torch.zeros(*distance.shape[:-1], length, dtype=torch.bool, device=distance.device)
-    return mask.scatter_(-1, picks, True)
+    return to_mask(pick_representatives(distance, candidates, k, rule, fillers), length)
 
 
 def bucket_ranks(m: torch.Tensor, k: torch.Tensor, i: torch.Tensor, rule: str) -> torch.Tensor:

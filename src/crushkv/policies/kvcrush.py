@@ -29,7 +29,7 @@ from crushkv.crush import (
 )
 from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
 from crushkv.profiling import PROFILER
-from crushkv.selection import forced_mask, mask_to_indices, priority, to_mask, topk_slots
+from crushkv.selection import forced_mask, mask_to_indices, priority, to_mask, top_mask, topk_slots
 
 GRANULARITIES = ("token", "block")
 
@@ -151,16 +151,16 @@ class KVCrush:
         valid = layer.valid[:, 0]  # [B, L], identical across heads
         forced = forced_mask(valid, host.sink, host.recent)
         host_scores = host.host_priority_scores(layer)  # [B, Hs, L]
-        host_idx = topk_slots(
-            priority(host_scores, forced[:, None].expand_as(host_scores), valid[:, None]), host_tokens
-        )
+        # the host's kept set as a mask: KVCrush works on masks, so no index round trip per decode step
+        host_mask = top_mask(priority(host_scores, forced[:, None].expand_as(host_scores), valid[:, None]), host_tokens)
         with PROFILER.section("kvcrush"):
-            return self._add_representatives(layer, host_idx, valid, forced, crush_tokens)
+            return self._add_representatives(layer, host_mask, host_tokens, valid, forced, crush_tokens)
 
-    def _add_representatives(self, layer, host_idx, valid, forced, crush_tokens: int) -> torch.Tensor:
+    def _add_representatives(
+        self, layer, host_mask: torch.Tensor, host_tokens: int, valid, forced, crush_tokens: int
+    ) -> torch.Tensor:
         """Signatures, anchor, Hamming distances and bucket picks among the host's evicted slots."""
-        heads = host_idx.shape[1]
-        host_mask = to_mask(host_idx, valid.shape[-1])
+        heads = host_mask.shape[1]
         region = valid & ~forced
         signature_scores = self.host.head_scores(layer).flatten(1, 2)  # one bit per (query) head
         signatures = token_signatures(signature_scores, region)  # [B, L, S]
@@ -169,7 +169,7 @@ class KVCrush:
         candidates = region[:, None] & ~host_mask
         reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask)
         # representatives lie outside the host's set, so the union has exactly host + crush slots per row
-        keep = mask_to_indices(host_mask | reps, host_idx.shape[-1] + crush_tokens)
+        keep = mask_to_indices(host_mask | reps, host_tokens + crush_tokens)
         return keep.expand(-1, layer.num_heads, -1) if heads == 1 else keep
 
     # ------------------------------------------------------------------ block granularity (OpenVINO GenAI's)
