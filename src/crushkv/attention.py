@@ -14,7 +14,8 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 from crushkv.attention_math import attend, visibility
-from crushkv.cache import CompressedLayer
+from crushkv.cache import CompressedLayer, CrushCache
+from crushkv.layer_stack import DEFER_MAX_TOKENS, evict
 from crushkv.profiling import PROFILER
 
 NAME = "crushkv"
@@ -32,7 +33,7 @@ def crushkv_attention(module, query, key, value, attention_mask, scaling=None, d
         )
     if scaling is None:
         scaling = query.shape[-1] ** -0.5
-    return compressed_attention(layer, query, attention_mask, scaling, kwargs.get("softcap")), None
+    return compressed_attention(layer, query, attention_mask, scaling, kwargs.get("softcap"), cache), None
 
 
 def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: int) -> torch.Tensor:
@@ -44,9 +45,17 @@ def new_token_validity(attention_mask: torch.Tensor | None, batch: int, q_len: i
     return last.expand(batch, q_len)
 
 
-def compressed_attention(layer: CompressedLayer, query, attention_mask, scaling: float, softcap) -> torch.Tensor:
-    """Attention of this pass's queries over the layer's kept slots, then statistics and eviction."""
+def compressed_attention(
+    layer: CompressedLayer, query, attention_mask, scaling: float, softcap, cache: CrushCache | None = None
+) -> torch.Tensor:
+    """Attention of this pass's queries over the layer's kept slots, then statistics and eviction.
+
+    The prompt pass evicts right after each layer (peak memory stays one uncompressed layer); short decode passes
+    queue the eviction on ``cache`` and the last compressed layer runs all of them together (``layer_stack``).
+    """
     b, q_len = query.shape[0], query.shape[2]
+    if cache is not None and cache.pending and layer.rank == 0:
+        cache.evict_pending()  # left over from an interrupted pass
     row_valid = new_token_validity(attention_mask, b, q_len).to(layer.device)
     layer.valid[:, :, -q_len:] = row_valid[:, None, :]
     first = layer.forwards == 0
@@ -89,11 +98,13 @@ def compressed_attention(layer: CompressedLayer, query, attention_mask, scaling:
         budget = policy.budget_for(layer)
         slack = 0 if first else policy.interval - 1
         if layer.physical_length > budget + slack:
-            with PROFILER.section("select"):
-                keep = policy.select(layer, budget)
-            with PROFILER.section("gather"):
-                layer.prune(keep)
+            if cache is not None and not first and q_len <= DEFER_MAX_TOKENS:
+                cache.pending.append((layer, budget))
+            else:
+                evict([(layer, budget)])
     layer.forwards += 1
+    if cache is not None and cache.pending and layer.rank == layer.num_compressed_layers - 1:
+        cache.evict_pending()
     return out
 
 

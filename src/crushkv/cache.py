@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
+from crushkv.layer_stack import evict
 from crushkv.policies import AnyPolicy, parse_policy
 
 FULL_TYPES = ("full_attention",)
@@ -177,6 +178,15 @@ class CrushCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
         super().__init__(layers=layers)
         self.active = False
+        #: decode-step evictions queued until the pass's last compressed layer (see ``crushkv.layer_stack``)
+        self.pending: list[tuple[CompressedLayer, int]] = []
+        #: False: select layer by layer (same kept sets, more per-op overhead); kept for A/B runs and tests
+        self.batched_eviction = True
+
+    def evict_pending(self) -> None:
+        """Run the queued evictions, same-shape layers in one batched selection."""
+        pending, self.pending = self.pending, []
+        evict(pending, batched=self.batched_eviction)
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not self.active:

@@ -92,6 +92,8 @@ class Policy:
     shared: ClassVar[bool] = False
     #: False for ``full``: the policy never evicts and takes no budget
     compresses: ClassVar[bool] = True
+    #: False when ``select`` depends on the layer itself (index, per-layer generator): no cross-layer batching
+    batchable: ClassVar[bool] = True
 
     budget: int | float | None = None
     sink: int = 4

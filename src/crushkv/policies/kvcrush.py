@@ -27,6 +27,7 @@ from crushkv.crush import (
     representative_mask,
     token_signatures,
 )
+from crushkv.layer_stack import members as stacked_layers
 from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
 from crushkv.profiling import PROFILER
 from crushkv.selection import forced_mask, mask_to_indices, priority, to_mask, top_mask, topk_slots
@@ -96,6 +97,10 @@ class KVCrush:
     @property
     def interval(self) -> int:
         return self.host.interval
+
+    @property
+    def batchable(self) -> bool:
+        return self.host.batchable and self.granularity == "token"
 
     @property
     def shared(self) -> bool:
@@ -226,9 +231,13 @@ class KVCrush:
             return make_anchor(self.anchor, signatures, members)
         # a fixed random anchor per (seed, layer, width): reproducible and stable across decoding steps
         key = ("kvcrush_anchor", signatures.shape[-1])
-        if key not in layer.extras:
-            layer.extras[key] = make_anchor("random", signatures[:1, :1], generator=layer.generator(self.seed))[0]
-        return layer.extras[key].expand(*signatures.shape[:-2], -1)
+        layers = stacked_layers(layer)  # one anchor per stacked layer, each repeated over that layer's batch rows
+        for one in layers:
+            if key not in one.extras:
+                one.extras[key] = make_anchor("random", signatures[:1, :1], generator=one.generator(self.seed))[0]
+        anchors = torch.stack([one.extras[key] for one in layers])
+        rows = signatures.shape[0] // len(layers) if signatures.dim() > 2 else 1
+        return anchors.repeat_interleave(rows, 0).expand(*signatures.shape[:-2], -1)
 
 
 KVCRUSH_FIELDS = tuple(f.name for f in dataclasses.fields(KVCrush) if f.name != "host")

@@ -40,6 +40,7 @@ class PyramidKV(SnapKV):
     """Lower layers keep more, upper layers fewer; the budget is the average over the compressed layers."""
 
     name = "pyramidkv"
+    batchable = False  # budgets depend on the layer's rank
     beta: int = 20
 
     def validate(self) -> None:

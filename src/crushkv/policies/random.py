@@ -15,6 +15,7 @@ class Random(Policy):
     """Random scores per KV head from a generator seeded with ``seed`` and the layer index."""
 
     name = "random"
+    batchable = False  # one generator per layer
     seed: int = 0
 
     def head_scores(self, layer) -> torch.Tensor:

@@ -1,0 +1,93 @@
+"""Cross-layer batched decode eviction (``crushkv.layer_stack``) keeps exactly what layer-by-layer selection keeps."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import crushkv
+from conftest import batch_inputs
+from crushkv.layer_stack import LayerStack, batchable
+from crushkv.policies import parse_policy
+from crushkv.profiling import PROFILER
+from policy_matrix import all_specs
+
+NEW_TOKENS = 12
+
+
+def _run(model, spec: str, batched: bool, interval: int | None = None):
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    if interval is not None:
+        spec = f"{spec},interval={interval}"
+    with PROFILER.recording() as prof, crushkv.compress(model, spec) as cache:
+        cache.batched_eviction = batched
+        out = model.generate(
+            ids,
+            attention_mask=mask,
+            max_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            output_logits=True,
+            return_dict_in_generate=True,
+            pad_token_id=0,
+            past_key_values=cache,
+        )
+        assert not cache.pending, "evictions left queued after a pass"
+        kept = [cache.kept_positions(i) for i in cache.compressed_layers]
+        calls = dict(prof.calls)
+    return out, kept, calls
+
+
+@pytest.mark.parametrize("spec", [s for s in all_specs(budget=12, phase="decode") if s != "full"])
+def test_batched_eviction_matches_per_layer(arch_model, spec):
+    _, model = arch_model
+    want, want_kept, per_layer = _run(model, spec, batched=False)
+    got, got_kept, batched = _run(model, spec, batched=True)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits, strict=True):
+        assert torch.equal(a, b)
+    for a, b in zip(got_kept, want_kept, strict=True):
+        assert torch.equal(a, b)
+    # the eviction really ran (the budget is below the prompt) and, where allowed, once per pass instead of per layer
+    assert per_layer["select"] > 0
+    if batchable(parse_policy(spec)) and per_layer["select"] > NEW_TOKENS:
+        assert batched["select"] < per_layer["select"]
+
+
+def test_interval_schedule_batches_too(arch_model):
+    _, model = arch_model
+    spec = "h2o+kvcrush:budget=12,sink=2,recent=4,crush=4,anchor=mean"
+    want, want_kept, _ = _run(model, spec, batched=False, interval=3)
+    got, got_kept, _ = _run(model, spec, batched=True, interval=3)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got_kept, want_kept, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_cache_is_at_budget_after_every_decode_step(arch_model):
+    """Deferral happens inside one forward pass: between passes no layer holds more than its budget."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    with torch.no_grad(), crushkv.compress(model, "h2o+kvcrush:budget=12,sink=2,recent=4,crush=4") as cache:
+        out = model(ids, attention_mask=mask, past_key_values=cache)
+        for _ in range(5):
+            token = out.logits[:, -1:].argmax(-1)
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
+            out = model(token, attention_mask=mask, past_key_values=cache)
+            assert not cache.pending
+            assert {cache.kept_tokens()[i] for i in cache.compressed_layers} == {12}
+
+
+def test_stack_exposes_only_layer_agnostic_fields(arch_model):
+    """A policy reading per-layer identity from a stack fails loudly instead of mixing layers."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    with torch.no_grad(), crushkv.compress(model, "h2o:budget=64,sink=2,recent=4") as cache:
+        model(ids, attention_mask=mask, past_key_values=cache)
+        layers = [cache.layers[i] for i in cache.compressed_layers]
+        stack = LayerStack(layers)
+        assert stack.valid.shape[0] == 2 * len(layers)
+        assert len(layers) > 1
+        assert torch.equal(stack.keys[2:4], layers[1].keys)
+        for name in ("rank", "layer_idx", "generator", "extras"):
+            with pytest.raises(AttributeError):
+                getattr(stack, name)
