@@ -183,6 +183,10 @@ class CrushCache(Cache):
         #: False: select layer by layer (same kept sets, more per-op overhead); kept for A/B runs and tests
         self.batched_eviction = True
 
+    def reset(self) -> None:
+        self.pending = []
+        super().reset()
+
     def evict_pending(self) -> None:
         """Run the queued evictions, same-shape layers in one batched selection."""
         pending, self.pending = self.pending, []

@@ -1,0 +1,69 @@
+"""Micro-benchmark of one decode-step selection, layer by layer vs all layers stacked (``crushkv.layer_stack``).
+
+Shapes default to SmolLM2-135M at a 25 % budget of 4k: 30 layers, 3 KV heads x 3 query heads each, 1025 slots
+(budget 1024 + the new token), random H2O scores. Usage:
+``python scripts/microbench_layer_stack.py [--threads 2] [--slots 1025] [--layers 30]``; prints microseconds per layer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from crushkv.cache import CompressedLayer
+from crushkv.layer_stack import LayerStack
+from crushkv.policies import parse_policy
+
+
+def make_layer(policy, index: int, slots: int, kv_heads: int, group: int) -> CompressedLayer:
+    layer = CompressedLayer(policy, index, index, 1)
+    kv = torch.rand(1, kv_heads, slots, 64)
+    layer.update(kv, kv.clone())
+    layer.context_length = 4 * (slots - 1)
+    layer.forwards = 5
+    layer.state = {"score": torch.rand(1, kv_heads, group, slots)}
+    return layer
+
+
+def per_call_us(fn, calls: int) -> float:
+    for _ in range(max(1, calls // 10)):
+        fn()
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return (time.perf_counter() - start) / calls * 1e6
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--slots", type=int, default=1025)
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--calls", type=int, default=100)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    budget = args.slots - 1
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.layers} layers x {args.slots} slots")
+    print("| policy | layer by layer, us per layer | stacked, us per layer | ratio |")
+    print("|---|---:|---:|---:|")
+    for spec in (f"h2o:budget={budget}", f"h2o+kvcrush:budget={budget},crush=0.25,anchor=mean"):
+        policy = parse_policy(spec)
+        layers = [make_layer(policy, i, args.slots, 3, 3) for i in range(args.layers)]
+
+        def one_by_one(layers=layers, policy=policy) -> None:
+            for layer in layers:
+                policy.select(layer, budget)
+
+        def stacked(layers=layers, policy=policy) -> None:
+            policy.select(LayerStack(layers), budget)
+
+        single = per_call_us(one_by_one, args.calls) / args.layers
+        batch = per_call_us(stacked, args.calls) / args.layers
+        print(f"| `{spec}` | {single:.0f} | {batch:.0f} | {single / batch:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()
