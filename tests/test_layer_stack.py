@@ -10,31 +10,31 @@ from conftest import batch_inputs
 from crushkv.layer_stack import LayerStack, batchable
 from crushkv.policies import parse_policy
 from crushkv.profiling import PROFILER
+from oracle import generate_recorded
 from policy_matrix import all_specs
 
 NEW_TOKENS = 12
 
 
 def _run(model, spec: str, batched: bool, interval: int | None = None):
+    """Greedy generation; returns (output, kept positions per layer at every step, profiler call counts)."""
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     if interval is not None:
         spec = f"{spec},interval={interval}"
     with PROFILER.recording() as prof, crushkv.compress(model, spec) as cache:
         cache.batched_eviction = batched
-        out = model.generate(
-            ids,
-            attention_mask=mask,
-            max_new_tokens=NEW_TOKENS,
-            do_sample=False,
-            output_logits=True,
-            return_dict_in_generate=True,
-            pad_token_id=0,
-            past_key_values=cache,
-        )
+        out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS, do_sample=False)
         assert not cache.pending, "evictions left queued after a pass"
-        kept = [cache.kept_positions(i) for i in cache.compressed_layers]
         calls = dict(prof.calls)
-    return out, kept, calls
+    return out, recorder.history, calls
+
+
+def _assert_same_kept(got: list[dict], want: list[dict]) -> None:
+    assert len(got) == len(want)
+    for step_got, step_want in zip(got, want, strict=True):
+        assert step_got.keys() == step_want.keys()
+        for layer in step_got:
+            assert torch.equal(step_got[layer], step_want[layer])
 
 
 @pytest.mark.parametrize("spec", [s for s in all_specs(budget=12, phase="decode") if s != "full"])
@@ -45,8 +45,7 @@ def test_batched_eviction_matches_per_layer(arch_model, spec):
     assert torch.equal(got.sequences, want.sequences)
     for a, b in zip(got.logits, want.logits, strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(got_kept, want_kept, strict=True):
-        assert torch.equal(a, b)
+    _assert_same_kept(got_kept, want_kept)
     # the eviction really ran (the budget is below the prompt) and, where allowed, once per pass instead of per layer
     assert per_layer["select"] > 0
     if batchable(parse_policy(spec)) and per_layer["select"] > NEW_TOKENS:
@@ -59,8 +58,7 @@ def test_interval_schedule_batches_too(arch_model):
     want, want_kept, _ = _run(model, spec, batched=False, interval=3)
     got, got_kept, _ = _run(model, spec, batched=True, interval=3)
     assert torch.equal(got.sequences, want.sequences)
-    for a, b in zip(got_kept, want_kept, strict=True):
-        assert torch.equal(a, b)
+    _assert_same_kept(got_kept, want_kept)
 
 
 def test_cache_is_at_budget_after_every_decode_step(arch_model):
