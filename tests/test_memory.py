@@ -57,3 +57,15 @@ def test_full_nbytes_matches_a_dynamic_cache(arch_model):
     assert cache.full_nbytes() == logical
     # real storage: the same as transformers' own cache (whose sliding layers keep a view of the whole prompt)
     assert cache.nbytes() == storage
+
+
+def test_mask_sizes_accept_count_or_cache_position(arch_model):
+    """transformers < 5.3 passes ``cache_position`` to ``get_mask_sizes``; later versions pass the query length."""
+    _, model = arch_model
+    ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad(), crushkv.compress(model, f"snapkv:budget={BUDGET},window=8") as cache:
+        model(ids, past_key_values=cache)
+        for i in cache.compressed_layers:
+            layer = cache.layers[i]
+            assert layer.get_mask_sizes(torch.arange(PROMPT, PROMPT + 3)) == layer.get_mask_sizes(3)
+            assert layer.get_mask_sizes(3) == (BUDGET + 3, PROMPT - BUDGET)

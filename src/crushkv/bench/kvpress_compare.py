@@ -1,14 +1,24 @@
 """crushkv vs NVIDIA kvpress at identical settings: prefill+compression time and kept-set overlap per layer/head.
 
-kvpress runs in its own environment (``scripts/kvpress_compare.py``); this module writes the token ids, calls it,
-runs crushkv's equivalents on the same ids and compares. ::
+Two modes, same rows:
 
-    python -m crushkv.bench.kvpress_compare --python /tmp/kvpress-venv/bin/python --lengths 1k,4k --threads 2
+* **one process** (``--same-process``): kvpress and crushkv installed in one environment (kvpress pins
+  transformers<5.3; crushkv supports 5.2), the same model object, and the timed forwards of both libraries and of
+  the uncompressed model interleaved round by round, so machine noise hits every column alike::
+
+      /tmp/kvpress-venv/bin/pip install kvpress -e .
+      /tmp/kvpress-venv/bin/python -m crushkv.bench.kvpress_compare --same-process --lengths 1k,4k --threads 2
+
+* **two environments**: this module writes the token ids, runs ``scripts/kvpress_compare.py`` (which imports nothing
+  from crushkv) under ``--python``, then runs crushkv's equivalents on the same ids::
+
+      python -m crushkv.bench.kvpress_compare --python /tmp/kvpress-venv/bin/python --lengths 1k,4k --threads 2
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import subprocess
 import sys
@@ -56,6 +66,32 @@ def jaccard(a: list[int], b: list[int]) -> float:
     return len(sa & sb) / len(sa | sb) if sa or sb else 1.0
 
 
+def make_row(
+    run: dict[str, Any], ratio: float, crushkv_full: float, crushkv_s: float, kept: list[list[list[int]]]
+) -> dict[str, Any]:
+    """One comparison row from a kvpress run record and crushkv's measurements on the same ids."""
+    scores = [
+        jaccard(kept[layer][head], heads[head])
+        for layer, heads in ((int(k), v) for k, v in run["kept"].items())
+        for head in range(len(heads))
+    ]
+    return {
+        "press": run["press"],
+        "crushkv": crushkv_spec(run["press"], run["length"], ratio),
+        "length": run["length"],
+        "n_kept": n_kept(run["length"], ratio),
+        "kvpress_attn": run["attn_implementation"],
+        "kvpress_full_s": run["prefill_full_s"],
+        "kvpress_press_s": run["prefill_press_s"],
+        "crushkv_full_s": crushkv_full,
+        "crushkv_s": crushkv_s,
+        "time_ratio": crushkv_s / run["prefill_press_s"],
+        "jaccard_mean": sum(scores) / len(scores),
+        "jaccard_min": min(scores),
+        "layer_heads": len(scores),
+    }
+
+
 def compare(
     kvpress_runs: list[dict[str, Any]], model, prompts: dict[int, torch.Tensor], ratio: float, repeats: int
 ) -> list[dict[str, Any]]:
@@ -68,28 +104,64 @@ def compare(
         full = min(crushkv_prefill(model, ids, "full")[0] for _ in range(repeats))
         timed = [crushkv_prefill(model, ids, spec) for _ in range(repeats)]
         seconds, kept = min(timed, key=lambda t: t[0])
-        scores = [
-            jaccard(kept[layer][head], heads[head])
-            for layer, heads in ((int(k), v) for k, v in run["kept"].items())
-            for head in range(len(heads))
-        ]
-        rows.append(
-            {
-                "press": run["press"],
-                "crushkv": spec,
-                "length": run["length"],
-                "n_kept": n_kept(run["length"], ratio),
-                "kvpress_attn": run["attn_implementation"],
-                "kvpress_full_s": run["prefill_full_s"],
-                "kvpress_press_s": run["prefill_press_s"],
-                "crushkv_full_s": full,
-                "crushkv_s": seconds,
-                "time_ratio": seconds / run["prefill_press_s"],
-                "jaccard_mean": sum(scores) / len(scores),
-                "jaccard_min": min(scores),
-                "layer_heads": len(scores),
+        rows.append(make_row(run, ratio, full, seconds, kept))
+    return rows
+
+
+def load_kvpress_side():
+    """The kvpress-side helpers (``scripts/kvpress_compare.py``), imported from the checkout."""
+    spec = importlib.util.spec_from_file_location("kvpress_side", SCRIPT)
+    if spec is None or spec.loader is None or not SCRIPT.exists():
+        raise FileNotFoundError(f"{SCRIPT} not found: --same-process runs from a crushkv checkout")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def compare_same_process(
+    models: dict[str, Any], prompts: dict[int, torch.Tensor], ratio: float, repeats: int, presses: tuple[str, ...]
+) -> list[dict[str, Any]]:
+    """Both libraries in this process on the same model objects, timings interleaved round by round.
+
+    ``models`` maps ``"sdpa"`` (used by crushkv and by kvpress's SDPA presses) and ``"eager"`` (kvpress's
+    ObservedAttentionPress needs materialised attention weights) to loaded models with the same weights.
+    Each round times: the uncompressed forward kvpress's press runs on, the kvpress press, crushkv's ``full`` and
+    crushkv's policy; each column keeps its best round.
+    """
+    side = load_kvpress_side()
+    rows = []
+    for length, ids in prompts.items():
+        for name in presses:
+            impl = "eager" if name == "observed" else "sdpa"
+            spec = crushkv_spec(name, length, ratio)
+            side.prefill(models[impl], ids[:, :256])  # warm-up
+            crushkv_prefill(models["sdpa"], ids[:, :256], spec)
+            kv_full, kv_press, cr_full, cr = [], [], [], []
+            kept_kv: dict[int, list[list[int]]] = {}
+            kept_cr: list[list[list[int]]] = []
+            for _ in range(repeats):
+                kv_full.append(side.prefill(models[impl], ids)[0])
+                press = side.make_press(name, ratio)
+                side.record_kept(press, kept_kv)
+                kv_press.append(side.prefill(models[impl], ids, press)[0])
+                cr_full.append(crushkv_prefill(models["sdpa"], ids, "full")[0])
+                seconds, kept_cr = crushkv_prefill(models["sdpa"], ids, spec)
+                cr.append(seconds)
+            run = {
+                "press": name,
+                "attn_implementation": impl,
+                "length": length,
+                "prefill_full_s": min(kv_full),
+                "prefill_press_s": min(kv_press),
+                "kept": {str(layer): heads for layer, heads in sorted(kept_kv.items())},
             }
-        )
+            row = make_row(run, ratio, min(cr_full), min(cr), kept_cr)
+            rows.append(row)
+            print(
+                f"{name:10s} L={length:5d} kvpress {row['kvpress_press_s']:.3f}s crushkv {row['crushkv_s']:.3f}s "
+                f"({row['time_ratio']:.2f}x) Jaccard {row['jaccard_mean']:.3f}",
+                flush=True,
+            )
     return rows
 
 
@@ -120,14 +192,41 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--kvpress-json", default="", help="reuse a kvpress result instead of running the script")
+    p.add_argument(
+        "--same-process", action="store_true", help="import kvpress here (it must be installed in this environment)"
+    )
+    p.add_argument("--press", action="append", choices=tuple(PAIRS), help="presses to compare (default: all)")
     p.add_argument("--out", default="results/bench/kvpress_compare.json")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    presses = tuple(args.press or PAIRS)
     model, tokenizer = load_model(args.model)
     lengths = parse_lengths(args.lengths)
     ids = prompt_ids(tokenizer, max(lengths))
     prompts = {n: ids[:, :n] for n in lengths}
+    if args.same_process:
+        import kvpress
+        import transformers
+
+        models = {"sdpa": model}
+        if "observed" in presses:
+            models["eager"] = load_model(args.model, attn_implementation="eager")[0]
+        rows = compare_same_process(models, prompts, args.ratio, args.repeats, presses)
+        meta = {
+            "mode": "same-process",
+            "kvpress": getattr(kvpress, "__version__", "?"),
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "ratio": args.ratio,
+            "repeats": args.repeats,
+            "model": args.model,
+        }
+        write_report({"meta": meta, "rows": rows}, args.out)
+        print(format_rows(rows))
+        print(f"\nJSON: {args.out}")
+        return 0
     kv_json = Path(args.kvpress_json) if args.kvpress_json else None
     if kv_json is None:
         tmp = Path(tempfile.mkdtemp(prefix="kvpress-"))
@@ -150,12 +249,16 @@ def main(argv: list[str] | None = None) -> int:
             "--out",
             str(kv_json),
         ]
+        for name in presses:
+            cmd += ["--press", name]
         print("running kvpress:", " ".join(cmd), flush=True)
         subprocess.run(cmd, check=True)
     kv = json.loads(kv_json.read_text())
-    rows = compare(kv["runs"], model, prompts, args.ratio, args.repeats)
+    rows = compare([r for r in kv["runs"] if r["press"] in presses], model, prompts, args.ratio, args.repeats)
     meta = {k: kv[k] for k in ("kvpress", "transformers", "torch", "threads", "ratio")}
-    meta.update(crushkv_torch=torch.__version__, crushkv_threads=torch.get_num_threads(), model=args.model)
+    meta.update(
+        mode="two-process", crushkv_torch=torch.__version__, crushkv_threads=torch.get_num_threads(), model=args.model
+    )
     write_report({"meta": meta, "rows": rows}, args.out)
     print(format_rows(rows))
     print(f"\nJSON: {args.out}")

@@ -1,0 +1,77 @@
+"""kvpress comparison plumbing on a tiny model: settings, row fields, same-process interleaving (kvpress faked)."""
+
+from __future__ import annotations
+
+import types
+
+import pytest
+import torch
+
+from crushkv.bench import kvpress_compare as kc
+from crushkv.policies import parse_policy
+
+
+@pytest.mark.parametrize("length", [256, 1024, 4097])
+@pytest.mark.parametrize("press", sorted(kc.PAIRS))
+def test_spec_reproduces_kvpress_budget(press, length):
+    spec = kc.crushkv_spec(press, length, 0.75)
+    policy = parse_policy(spec)
+    assert spec.startswith(kc.PAIRS[press] + ":")
+    assert kc.n_kept(length, 0.75) == int(length * 0.25)
+    assert f"budget={kc.n_kept(length, 0.75)}," in spec and policy.phase == "prefill"
+
+
+def test_make_row_ratios_and_overlap():
+    run = {"press": "snapkv", "attn_implementation": "sdpa", "length": 8, "prefill_full_s": 2.0,
+           "prefill_press_s": 4.0, "kept": {"0": [[0, 1], [2, 3]], "1": [[4, 5], [6, 7]]}}  # fmt: skip
+    kept = [[[0, 1], [2, 3]], [[4, 5], [1, 2]]]
+    row = kc.make_row(run, 0.75, crushkv_full=1.5, crushkv_s=3.0, kept=kept)
+    assert row["time_ratio"] == pytest.approx(0.75)
+    assert row["layer_heads"] == 4 and row["jaccard_min"] == 0.0 and row["jaccard_mean"] == pytest.approx(0.75)
+    assert row["kvpress_full_s"] == 2.0 and row["crushkv_full_s"] == 1.5 and row["n_kept"] == 2
+
+
+def test_kvpress_side_script_loads():
+    side = kc.load_kvpress_side()  # imports kvpress lazily, so this runs without it
+    assert callable(side.make_press) and callable(side.record_kept) and callable(side.prefill)
+    assert set(side.PRESSES) == set(kc.PAIRS)
+
+
+def test_same_process_rows_interleave_and_score(monkeypatch, arch_model):
+    """A fake kvpress that keeps what crushkv keeps: Jaccard 1 everywhere, every column timed once per round."""
+    _, model = arch_model
+    calls: list[str] = []
+    real = kc.crushkv_prefill
+
+    def prefill(m, ids, press=None):
+        calls.append("kv_press" if press else "kv_full")
+        if press is not None:
+            _, kept = real(m, ids, kc.crushkv_spec(press.name, ids.shape[1], press.ratio))
+            press.store.update(dict(enumerate(kept)))
+        return (0.5 if press else 1.0), ids.shape[1]
+
+    def record_kept(press, store):
+        press.store = store
+
+    side = types.SimpleNamespace(
+        prefill=prefill,
+        make_press=lambda name, ratio: types.SimpleNamespace(name=name, ratio=ratio),
+        record_kept=record_kept,
+    )
+
+    def traced(m, ids, spec):
+        calls.append("cr_full" if spec == "full" else "cr")
+        return real(m, ids, spec)
+
+    monkeypatch.setattr(kc, "load_kvpress_side", lambda: side)
+    monkeypatch.setattr(kc, "crushkv_prefill", traced)
+    ids = torch.randint(1, 90, (1, 320), generator=torch.Generator().manual_seed(0))
+    prompts = {280: ids[:, :280], 320: ids}
+    rows = kc.compare_same_process({"sdpa": model, "eager": model}, prompts, 0.75, 2, ("snapkv", "streaming"))
+    assert [(r["length"], r["press"]) for r in rows] == [(n, p) for n in (280, 320) for p in ("snapkv", "streaming")]
+    for r in rows:
+        assert r["jaccard_mean"] == 1.0 and r["jaccard_min"] == 1.0 and r["layer_heads"] > 0
+        assert r["kvpress_full_s"] == 1.0 and r["kvpress_press_s"] == 0.5
+        assert r["time_ratio"] == pytest.approx(r["crushkv_s"] / 0.5) and r["crushkv_full_s"] > 0
+    # per (length, press): warm-up of both sides, then the four columns interleaved in every round
+    assert calls == (["kv_full", "cr"] + ["kv_full", "kv_press", "cr_full", "cr"] * 2) * 4
