@@ -71,7 +71,7 @@ class CompressedLayer(DynamicLayer):
         return self.seen
 
     def get_mask_sizes(self, query_length: int | torch.Tensor) -> tuple[int, int]:
-        # transformers < 5.3 passes ``cache_position`` (a tensor of the new tokens' positions), later versions the count.
+        # transformers < 5.3 passes ``cache_position`` (the new tokens' positions), later versions the count.
         if isinstance(query_length, torch.Tensor):
             query_length = query_length.shape[0]
         physical = self.physical_length
