@@ -15,6 +15,7 @@ and compares the kept sets. Kept indices are taken from the press's own scores w
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import time
 from pathlib import Path
@@ -66,7 +67,6 @@ def prefill(model, ids: torch.Tensor, press=None) -> tuple[float, int]:
 
 
 def main() -> None:
-    import kvpress
     import transformers
     from transformers import AutoModelForCausalLM
 
@@ -87,7 +87,7 @@ def main() -> None:
         for impl in ("sdpa", "eager")
     }
     report = {
-        "kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "?",
+        "kvpress": importlib.metadata.version("kvpress"),
         "transformers": transformers.__version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),

@@ -35,6 +35,16 @@ SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "kvpress_compare.py"
 PAIRS = {"snapkv": "snapkv", "streaming": "streaming", "observed": "h2o"}
 
 
+def _dist_version(name: str) -> str:
+    """Installed version of a distribution (kvpress has no ``__version__``)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return "?"
+
+
 def n_kept(length: int, ratio: float) -> int:
     """kvpress's ``compute_n_kept``: ``int(L * (1 - ratio))``, at least 1."""
     return max(1, int(length * (1 - ratio)))
@@ -206,7 +216,6 @@ def main(argv: list[str] | None = None) -> int:
     ids = prompt_ids(tokenizer, max(lengths))
     prompts = {n: ids[:, :n] for n in lengths}
     if args.same_process:
-        import kvpress
         import transformers
 
         models = {"sdpa": model}
@@ -215,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare_same_process(models, prompts, args.ratio, args.repeats, presses)
         meta = {
             "mode": "same-process",
-            "kvpress": getattr(kvpress, "__version__", "?"),
+            "kvpress": _dist_version("kvpress"),
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
