@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import torch
 
+import crushkv
+from conftest import batch_inputs
 from crushkv.crush import hamming, indicators, make_anchor, pick_representatives, token_signatures
+from oracle import generate_recorded
 
 
 def _bits(values: list[int]) -> torch.Tensor:
@@ -63,3 +66,36 @@ def test_token_signatures_one_bit_per_head():
     scores = torch.tensor([[[4.0, 3.0, 2.0, 1.0], [1.0, 2.0, 3.0, 4.0]]])
     sig = token_signatures(scores, torch.ones(1, 4, dtype=torch.bool))
     assert sig[0].int().tolist() == [[1, 0], [1, 0], [0, 1], [0, 1]]
+
+
+def test_mean_anchor_is_all_zeros_at_token_granularity():
+    """Every head marks floor(n/2) of its n region tokens, so no signature bit has a strict majority."""
+    gen = torch.Generator().manual_seed(0)
+    for n in (1, 2, 7, 10, 33):
+        scores = torch.rand(3, 5, n, generator=gen)
+        region = torch.rand(3, n, generator=gen) > 0.3
+        signatures = token_signatures(scores, region)
+        assert not make_anchor("mean", signatures, region).any()
+    # not so at block granularity (bit = token position in a block): the published vector has a majority
+    assert make_anchor("mean", _bits([1, 0, 1, 0, 1, 1, 1, 0]).view(2, 4)).any()
+
+
+def test_mean_and_zeros_anchors_keep_the_same_tokens(arch_model):
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=40, pad=5)
+    kept = {}
+    for anchor in ("mean", "zeros", "ones"):
+        with crushkv.compress(model, f"h2o+kvcrush:budget=20,crush=8,sink=2,recent=4,anchor={anchor}") as cache:
+            _, recorder = generate_recorded(model, cache, ids, mask, new_tokens=6)
+        kept[anchor] = recorder.history
+    assert all(
+        torch.equal(step_m[layer], step_z[layer])
+        for step_m, step_z in zip(kept["mean"], kept["zeros"], strict=True)
+        for layer in step_m
+    )
+    # the test can fail: another anchor changes the kept sets of this run
+    assert any(
+        not torch.equal(step_m[layer], step_o[layer])
+        for step_m, step_o in zip(kept["mean"], kept["ones"], strict=True)
+        for layer in step_m
+    )
