@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import types
 
 import pytest
 import torch
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+import crushkv
+from conftest import batch_inputs
+from crushkv import attention
 from crushkv.bench import kvpress_compare as kc
 from crushkv.policies import parse_policy
 
@@ -75,3 +81,26 @@ def test_same_process_rows_interleave_and_score(monkeypatch, arch_model):
         assert r["time_ratio"] == pytest.approx(r["crushkv_s"] / 0.5) and r["crushkv_full_s"] > 0
     # per (length, press): warm-up of both sides, then the four columns interleaved in every round
     assert calls == (["kv_full", "cr"] + ["kv_full", "kv_press", "cr_full", "cr"] * 2) * 4
+
+
+def test_attention_function_takes_dropout_positionally_like_transformers(arch_model):
+    """kvpress's attention patch wraps every registered function as ``f(module, q, k, v, mask, dropout, **kw)``."""
+    ours = list(inspect.signature(attention.crushkv_attention).parameters)[:7]
+    assert ours == list(inspect.signature(sdpa_attention_forward).parameters)[:7]
+
+    def kvpress_style(module, query, key, value, attention_mask, dropout, **kwargs):
+        return attention.crushkv_attention(module, query, key, value, attention_mask, dropout, **kwargs)
+
+    _, model = arch_model
+    ids, mask = batch_inputs(length=40)
+    spec = "h2o:budget=16,sink=2,recent=4,phase=prefill"
+    with crushkv.compress(model, spec) as cache:
+        want = model(ids, attention_mask=mask, past_key_values=cache).logits
+    with crushkv.compress(model, spec) as cache:
+        AttentionInterface.register(attention.NAME, kvpress_style)
+        try:
+            got = model(ids, attention_mask=mask, past_key_values=cache).logits
+        finally:
+            attention.register()
+        assert cache.kept_positions(cache.compressed_layers[0]).shape[-1] == 16
+    torch.testing.assert_close(got, want, atol=0, rtol=0)

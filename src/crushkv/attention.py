@@ -23,8 +23,9 @@ NAME = "crushkv"
 CACHE_ATTR = "_crushkv_cache"
 
 
-def crushkv_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
-    """``AttentionInterface`` entry point (same signature and return as transformers' SDPA function)."""
+def crushkv_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
+    """``AttentionInterface`` entry point (same signature, parameter order included, and return as transformers' SDPA
+    function: wrappers such as kvpress's attention patch pass ``dropout`` positionally)."""
     cache = getattr(module, CACHE_ATTR, None)
     layer = cache.layers[module.layer_idx] if cache is not None and module.layer_idx < len(cache.layers) else None
     if not isinstance(layer, CompressedLayer) or layer.keys is not key:
