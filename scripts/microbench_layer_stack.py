@@ -2,7 +2,8 @@
 
 Shapes default to SmolLM2-135M at a 25 % budget of 4k: 30 layers, 3 KV heads x 3 query heads each, 1025 slots
 (budget 1024 + the new token), random H2O scores. Usage:
-``python scripts/microbench_layer_stack.py [--threads 2] [--slots 1025] [--layers 30]``; prints microseconds per layer.
+``python scripts/microbench_layer_stack.py [--threads 2] [--slots 1025] [--layers 30] [--profile]``; prints
+microseconds per layer; ``--profile`` adds the ``torch.profiler`` op table of the stacked KVCrush selection.
 """
 
 from __future__ import annotations
@@ -42,6 +43,7 @@ def main() -> None:
     p.add_argument("--slots", type=int, default=1025)
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--calls", type=int, default=100)
+    p.add_argument("--profile", action="store_true", help="op breakdown of the stacked KVCrush selection")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
@@ -63,6 +65,12 @@ def main() -> None:
         single = per_call_us(one_by_one, args.calls) / args.layers
         batch = per_call_us(stacked, args.calls) / args.layers
         print(f"| `{spec}` | {single:.0f} | {batch:.0f} | {single / batch:.1f}x |")
+    if args.profile:
+        with torch.profiler.profile() as prof:
+            for _ in range(args.calls):
+                stacked()
+        print(f"\ntorch.profiler, stacked `{spec}`, {args.calls} calls (self CPU time; kthvalue = exact selections):")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=10))
 
 
 if __name__ == "__main__":
