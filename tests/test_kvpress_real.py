@@ -30,7 +30,9 @@ def test_kept_sets_agree_with_kvpress(build):
     assert set(by_press) == set(kc.PAIRS)
     for row in rows:
         assert row["n_kept"] == 128 and row["layer_heads"] > 0
-    assert by_press["streaming"]["jaccard_min"] == 1.0
-    assert by_press["observed"]["jaccard_min"] == 1.0
+    assert by_press["streaming"]["jaccard_min"] == 1.0  # positions only: no floating point involved
+    # column sums summed in a different order (eager weights vs crushkv's blocks): identical here, but allow one
+    # near-tie swap in a head (Jaccard 127/129) so that another CPU's rounding cannot fail the test
+    assert by_press["observed"]["jaccard_mean"] >= 0.999 and by_press["observed"]["jaccard_min"] >= 0.98
     # SnapKV differs only at the pooling edges (kvpress pools without the window, zero-padded; see performance.md)
     assert by_press["snapkv"]["jaccard_mean"] >= 0.95
