@@ -35,16 +35,6 @@ SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "kvpress_compare.py"
 PAIRS = {"snapkv": "snapkv", "streaming": "streaming", "observed": "h2o"}
 
 
-def _dist_version(name: str) -> str:
-    """Installed version of a distribution (kvpress has no ``__version__``)."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(name)
-    except PackageNotFoundError:
-        return "?"
-
-
 def n_kept(length: int, ratio: float) -> int:
     """kvpress's ``compute_n_kept``: ``int(L * (1 - ratio))``, at least 1."""
     return max(1, int(length * (1 - ratio)))
@@ -192,6 +182,7 @@ def format_rows(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     from crushkv.bench.commands import parse_lengths, prompt_ids, write_report
+    from crushkv.eval.results import package_versions
     from crushkv.models import load_model
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -224,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
         rows = compare_same_process(models, prompts, args.ratio, args.repeats, presses)
         meta = {
             "mode": "same-process",
-            "kvpress": _dist_version("kvpress"),
+            "kvpress": package_versions(("kvpress",))["kvpress"],  # kvpress has no __version__
             "transformers": transformers.__version__,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
@@ -232,10 +223,18 @@ def main(argv: list[str] | None = None) -> int:
             "repeats": args.repeats,
             "model": args.model,
         }
-        write_report({"meta": meta, "rows": rows}, args.out)
-        print(format_rows(rows))
-        print(f"\nJSON: {args.out}")
-        return 0
+    else:
+        rows, meta = _two_process(args, model, prompts, presses)
+    write_report({"meta": meta, "rows": rows}, args.out)
+    print(format_rows(rows))
+    print(f"\nJSON: {args.out}")
+    return 0
+
+
+def _two_process(
+    args: argparse.Namespace, model, prompts: dict[int, torch.Tensor], presses: tuple[str, ...]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Rows and meta of the two-environment mode: kvpress's script under ``--python``, crushkv here."""
     kv_json = Path(args.kvpress_json) if args.kvpress_json else None
     if kv_json is None:
         tmp = Path(tempfile.mkdtemp(prefix="kvpress-"))
@@ -268,10 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     meta.update(
         mode="two-process", crushkv_torch=torch.__version__, crushkv_threads=torch.get_num_threads(), model=args.model
     )
-    write_report({"meta": meta, "rows": rows}, args.out)
-    print(format_rows(rows))
-    print(f"\nJSON: {args.out}")
-    return 0
+    return rows, meta
 
 
 if __name__ == "__main__":

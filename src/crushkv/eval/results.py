@@ -120,11 +120,12 @@ def _json_default(obj: Any) -> Any:
     return str(obj)
 
 
-def package_versions() -> dict[str, str | None]:
+def package_versions(extra: tuple[str, ...] = ()) -> dict[str, str | None]:
+    """Installed versions of crushkv's main dependencies (and of ``extra`` distributions); None when absent."""
     from importlib import metadata
 
     out: dict[str, str | None] = {"python": platform.python_version()}
-    for name in ("crushkv", "torch", "transformers", "tokenizers", "numpy", "lm-eval"):
+    for name in ("crushkv", "torch", "transformers", "tokenizers", "numpy", "lm-eval", *extra):
         try:
             out[name] = metadata.version(name)
         except metadata.PackageNotFoundError:
