@@ -75,6 +75,15 @@ def test_interval_eviction_matches_oracle(arch_model, spec):
     _check_against_oracle(model, spec)
 
 
+def test_interval_auto_bounds_the_cache_by_a_64th_of_the_budget(arch_model):
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=150, pad=5)
+    with crushkv.compress(model, "h2o+kvcrush:budget=128,crush=32,sink=2,recent=4,interval=auto") as cache:
+        _, recorder = generate_recorded(model, cache, ids, mask, 8)
+    sizes = [h[i].shape[-1] for h in recorder.history for i in h]
+    assert min(sizes) == 128 and max(sizes) == 128 + 3 - 1  # interval 1 + 128 // 64 = 3
+
+
 def test_interval_bounds_the_cache(arch_model):
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=24, pad=5)

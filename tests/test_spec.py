@@ -39,6 +39,14 @@ def test_options_at_their_default_stay_out_of_canonical_specs():
     assert "stride=4" in sampled.spec and parse_policy(sampled.spec) == sampled
 
 
+def test_interval_auto_scales_with_the_layer_budget():
+    policy = parse_policy("h2o+kvcrush:budget=0.25,crush=0.25,interval=AUTO")
+    assert policy.interval == "auto" and "interval=auto" in policy.spec and parse_policy(policy.spec) == policy
+    # 1 + budget // 64: at most budget/64 (1.6 %) extra tokens between cuts
+    assert [policy.interval_for(b) for b in (40, 63, 64, 256, 1024, 2048)] == [1, 1, 2, 5, 17, 33]
+    assert parse_policy("tova:budget=64,interval=3").interval_for(1024) == 3
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -59,6 +67,8 @@ def test_options_at_their_default_stay_out_of_canonical_specs():
         ("h2o+kvcrush:budget=64,granularity=page", "granularity must be one of"),
         ("snapkv:budget=64,kernel=4", "positive odd"),
         ("h2o:budget=64,stride=0", "stride must be an int >= 1"),
+        ("h2o:budget=64,interval=0", "interval must be an int >= 1 or 'auto'"),
+        ("h2o+kvcrush:budget=64,crush=16,interval=sometimes", "interval must be an int >= 1 or 'auto'"),
         ("", "non-empty"),
     ],
 )

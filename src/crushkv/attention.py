@@ -97,7 +97,7 @@ def compressed_attention(
         with PROFILER.section("observe"):
             policy.observe(layer, stats, first)
         budget = policy.budget_for(layer)
-        slack = 0 if first else policy.interval - 1
+        slack = 0 if first else policy.interval_for(budget) - 1
         if layer.physical_length > budget + slack:
             if cache is not None and not first and q_len <= DEFER_MAX_TOKENS:
                 cache.pending.append((layer, budget))

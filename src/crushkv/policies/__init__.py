@@ -49,6 +49,8 @@ def _convert(raw: str, annotation: object, key: str, where: str) -> object:
         if "float" in names:
             return float(text)
     except ValueError:
+        if "str" in names:  # a number or a keyword (``interval=auto``); the policy validates the keyword
+            return text.lower()
         raise ValueError(f"{where}: {key} must be a number, got {raw!r}") from None
     return text
 

@@ -28,6 +28,9 @@ PHASES = ("prefill", "decode")
 ALL_ROWS = -1
 #: prompt rows always scored exactly when a ``StatsRequest`` samples rows with ``stride > 1``
 TAIL_ROWS = 64
+#: ``interval=auto``: a layer with budget ``b`` is cut back every ``1 + b // AUTO_INTERVAL_DIVISOR`` decode tokens
+AUTO = "auto"
+AUTO_INTERVAL_DIVISOR = 64
 
 
 @dataclass(frozen=True)
@@ -84,6 +87,8 @@ class Policy:
     ``phase``: ``prefill`` compresses once after the prompt; ``decode`` cuts back to the budget after every forward.
     ``interval`` (decode phase): cut back only once ``interval`` tokens have been added since the last cut, so the
     cache holds at most ``budget + interval - 1`` tokens and the selection cost is paid once per ``interval`` steps.
+    ``interval=auto`` scales it with the layer's budget, ``1 + budget // 64``: the cache never holds more than
+    ``budget / 64`` (1.6 %) extra tokens, and long contexts (large budgets) select least often.
     """
 
     name: ClassVar[str] = ""
@@ -99,7 +104,7 @@ class Policy:
     sink: int = 4
     recent: int = 32
     phase: str = ""
-    interval: int = 1
+    interval: int | str = 1
 
     def __post_init__(self) -> None:
         if not self.phase:
@@ -113,8 +118,10 @@ class Policy:
             raise ValueError(f"{self.name}: phase must be one of {PHASES}, got {self.phase!r}")
         if self.sink < 0 or self.recent < 0:
             raise ValueError(f"{self.name}: sink and recent must be >= 0")
-        if self.interval < 1:
-            raise ValueError(f"{self.name}: interval must be >= 1, got {self.interval}")
+        if self.interval != AUTO and (
+            isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1
+        ):
+            raise ValueError(f"{self.name}: interval must be an int >= 1 or '{AUTO}', got {self.interval!r}")
         if not self.compresses:
             return
         if self.budget is None:
@@ -128,6 +135,10 @@ class Policy:
                 f"{self.name}: budget={self.budget} is smaller than sink+recent={self.min_budget()} "
                 f"(sink={self.sink}, recent={self.recent}); raise the budget or lower sink/recent"
             )
+
+    def interval_for(self, budget: int) -> int:
+        """Decode tokens added between two cuts of a layer whose budget is ``budget`` (resolves ``auto``)."""
+        return 1 + budget // AUTO_INTERVAL_DIVISOR if self.interval == AUTO else int(self.interval)
 
     def min_budget(self) -> int:
         """Smallest per-layer budget that still holds the always-kept tokens."""

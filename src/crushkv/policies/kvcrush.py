@@ -95,8 +95,11 @@ class KVCrush:
         return self.host.budget
 
     @property
-    def interval(self) -> int:
+    def interval(self) -> int | str:
         return self.host.interval
+
+    def interval_for(self, budget: int) -> int:
+        return self.host.interval_for(budget)
 
     @property
     def batchable(self) -> bool:
