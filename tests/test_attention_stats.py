@@ -37,9 +37,13 @@ def _run(query, keys, values, request, visible=None):
     return am.attend(query, keys, values, visible, visible is None, row_valid, D**-0.5, None, request)
 
 
+@pytest.mark.parametrize("batched", [False, True], ids=["head-by-head", "heads-batched"])
 @pytest.mark.parametrize("block", [1 << 21, 600], ids=["one-block", "many-blocks"])
-def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int) -> None:
+def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int, batched: bool) -> None:
     monkeypatch.setattr(am, "STATS_BLOCK_ELEMENTS", block)
+    monkeypatch.setattr(am, "HEAD_BLOCK_ELEMENTS", block)
+    if batched:  # the GPU layout: every (batch row, KV head) in one matmul per row block
+        monkeypatch.setattr(am, "heads_per_matmul", lambda device, heads: heads)
 
     def no_second_pass(*args):
         raise AssertionError("exact statistics must come from the output's own probability blocks (one QK^T)")
