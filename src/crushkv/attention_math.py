@@ -194,9 +194,8 @@ def _exact_prompt_pass(
     """
     b, hk, g, q, d = grouped.shape
     n = b * hk
-    rows_q = torch.empty(n, q, g, d, dtype=grouped.dtype, device=grouped.device)
-    torch.mul(grouped.reshape(n, g, q, d).transpose(1, 2), scaling, out=rows_q)
-    flat_keys, flat_values = keys.reshape(n, q, d), values.reshape(n, q, d)
+    rows_q = grouped.reshape(n, g, q, d).transpose(1, 2).contiguous()  # read only: may alias ``grouped`` (G = 1)
+    flat_keys, flat_values = keys.reshape(n, q, d) * scaling, values.reshape(n, q, d)  # scaled keys: G x smaller
     out = torch.empty(b, q, hk, g, d, dtype=grouped.dtype, device=grouped.device)
     colsum = torch.zeros(n, g, q, dtype=torch.float32, device=grouped.device)
     last = torch.empty(n, g, q, dtype=torch.float32, device=grouped.device) if request.last else None
