@@ -201,6 +201,10 @@ def _exact_prompt_pass(
     last = torch.empty(n, g, q, dtype=torch.float32, device=grouped.device) if request.last else None
     per_group = heads_per_matmul(grouped.device, n)
     blocks = list(_row_blocks(q, HEAD_BLOCK_ELEMENTS // g))
+    diagonal = {}  # future mask of each block's diagonal square, shared by all heads
+    for i0, i1 in blocks:
+        if i1 - i0 not in diagonal:
+            diagonal[i1 - i0] = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)[:, None]
     for n0 in range(0, n, per_group):
         m = min(per_group, n - n0)
         heads = slice(n0, n0 + m)
@@ -210,8 +214,7 @@ def _exact_prompt_pass(
             logits = torch.bmm(block, flat_keys[heads, :i1].transpose(1, 2)).float()
             if softcap is not None:
                 logits = torch.tanh(logits / softcap) * softcap
-            future = torch.ones(r, r, dtype=torch.bool, device=grouped.device).triu(1)
-            logits.view(m, r, g, i1)[..., i0:i1].masked_fill_(future[:, None], float("-inf"))
+            logits.view(m, r, g, i1)[..., i0:i1].masked_fill_(diagonal[r], float("-inf"))
             probs = torch.softmax(logits, dim=-1)
             mixed = torch.bmm(probs.to(values.dtype), flat_values[heads, :i1])
             if m == 1:
