@@ -146,3 +146,13 @@ def test_agreement_rows():
     for r in rows:
         assert r["full_s"] > 0 and r["prefill_s"] > 0 and r["length"] == 300
     assert "(reference)" in format_rows(rows)
+
+
+def test_short_names_label_the_schedule():
+    from crushkv.bench.plots import short_name
+
+    base = "h2o+kvcrush:budget=0.25,sink=4,recent=32,phase=decode"
+    assert short_name(f"{base},interval=1") == "h2o+kvcrush b=0.25 decode"
+    assert short_name(f"{base},interval=16") == "h2o+kvcrush b=0.25 decode every 16"
+    assert short_name(f"{base},interval=auto") == "h2o+kvcrush b=0.25 decode interval=auto"
+    assert short_name("full") == "full"

@@ -63,7 +63,8 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
 def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval")) -> str:
     """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25 decode`` (host and the chosen settings).
 
-    ``budget`` prints as ``b=``, ``phase`` bare, ``interval`` only when > 1 (``every N``), other keys as ``k=v``.
+    ``budget`` prints as ``b=``, ``phase`` bare, ``interval`` only when > 1 (``every N``, or ``interval=auto``),
+    other keys as ``k=v``.
     """
     head, _, tail = spec.partition(":")
     fields = dict(part.split("=", 1) for part in tail.split(",") if "=" in part)
@@ -74,5 +75,6 @@ def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval"
         value = fields.get(key)
         if value is None or (key == "interval" and value == "1"):
             continue
-        words.append({"budget": f"b={value}", "phase": value, "interval": f"every {value}"}.get(key, f"{key}={value}"))
+        every = "interval=auto" if value == "auto" else f"every {value}"
+        words.append({"budget": f"b={value}", "phase": value, "interval": every}.get(key, f"{key}={value}"))
     return " ".join(words)
