@@ -84,7 +84,10 @@ def attend(
     stats = Stats()
 
     if request.rows == ALL_ROWS and visible is None and causal and q == length:
-        return _causal_prompt_pass(grouped, keys, values, scaling, softcap, request)
+        stride = max(1, int(request.stride)) if softcap is None else 1  # row sampling only without softcapping
+        if stride == 1:
+            return _exact_prompt_pass(grouped, keys, values, scaling, softcap, request)
+        return _sampled_prompt_pass(grouped, keys, values, scaling, stride, request)
     if request.rows == ALL_ROWS or (q == 1 and not request.empty):
         acc = _Accumulator((b, hk, g, length), query.device, count=True)
         out = torch.empty(b, hk, g, q, d, dtype=query.dtype, device=query.device)
@@ -115,26 +118,18 @@ def attend(
     return out, stats
 
 
-def _causal_prompt_pass(
-    grouped: torch.Tensor,
-    keys: torch.Tensor,
-    values: torch.Tensor,
-    scaling: float,
-    softcap: float | None,
-    request: StatsRequest,
+def _sampled_prompt_pass(
+    grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, stride: int, request: StatsRequest
 ) -> tuple[torch.Tensor, Stats]:
-    """Output and all-row statistics of a causal prompt without padding, skipping the masked upper triangle.
+    """Output and row-sampled statistics of a causal prompt without padding (no softcapping), upper triangle skipped.
 
-    Exact statistics (``stride == 1``): ``_exact_prompt_pass``. With row sampling (``stride > 1``) the output comes
-    from a fused kernel where one exists (CPU flash attention also returns each row's log-sum-exp, so a sampled
-    probability block is a single ``exp`` of an augmented matmul ``[q*scale, -lse] @ [k, 1]^T``), else from SDPA;
-    every ``stride``-th row before the last ``TAIL_ROWS`` is scored (weighted by ``stride``), the tail exactly.
+    The output comes from a fused kernel where one exists (CPU flash attention also returns each row's log-sum-exp,
+    so a sampled probability block is a single ``exp`` of an augmented matmul ``[q*scale, -lse] @ [k, 1]^T``), else
+    from SDPA; every ``stride``-th row before the last ``TAIL_ROWS`` is scored (weighted by ``stride``), the tail
+    exactly.
     """
     b, hk, g, q, d = grouped.shape
-    stride = max(1, int(request.stride)) if softcap is None else 1
-    if stride == 1:
-        return _exact_prompt_pass(grouped, keys, values, scaling, softcap, request)
-    fused = _fused_output_and_lse(grouped, keys, values, scaling, softcap)
+    fused = _fused_output_and_lse(grouped, keys, values, scaling)
     if fused is not None:
         out, lse = fused
         out = out.transpose(1, 2)
@@ -156,13 +151,13 @@ def _causal_prompt_pass(
         rows = sampled[j0 : j0 + step]
         i1 = int(rows[-1]) + 1
         future = torch.arange(i1, device=grouped.device)[None, :] > rows[:, None]
-        probs = _block_probs(query[:, :, :, rows], keys_in[:, :, :i1], future, None, softcap, lse is not None)
+        probs = _block_probs(query[:, :, :, rows], keys_in[:, :, :i1], future, None, lse is not None)
         colsum[..., :i1] += probs.sum(-2).mul_(stride)
     stats = Stats()
     for i0 in range(q - tail, q, step):  # exact rows, only the diagonal block is masked
         i1 = min(q, i0 + step)
         future = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)
-        probs = _block_probs(query[:, :, :, i0:i1], keys_in[:, :, :i1], future, i0, softcap, lse is not None)
+        probs = _block_probs(query[:, :, :, i0:i1], keys_in[:, :, :i1], future, i0, lse is not None)
         colsum[..., :i1] += probs.sum(-2)
         if request.last and i1 == q:
             stats.last = probs[:, :, :, -1]
@@ -226,8 +221,11 @@ def _exact_prompt_pass(
             colsum[heads, :, :i1] += per_row.sum(1)
             if last is not None and i1 == q:
                 last[heads] = per_row[:, -1]
-    stats = Stats(colsum=colsum.view(b, hk, g, q), count=_prompt_counts(b, hk, q, grouped.device))
-    stats.last = None if last is None else last.view(b, hk, g, q)
+    stats = Stats(
+        colsum=colsum.view(b, hk, g, q),
+        count=_prompt_counts(b, hk, q, grouped.device),
+        last=None if last is None else last.view(b, hk, g, q),
+    )
     return out.view(b, q, hk * g, d), stats
 
 
@@ -257,7 +255,6 @@ def _block_probs(
     keys: torch.Tensor,
     future: torch.Tensor,
     diag_from: int | None,
-    softcap: float | None,
     normalised: bool,
 ) -> torch.Tensor:
     """Probabilities ``[B, Hk, G, r, i1]`` (fp32) of a row block; ``future`` masks ``[r, i1]``, or only the diagonal
@@ -265,20 +262,18 @@ def _block_probs(
     subtracted (augmented matmul), so ``exp`` is the probability."""
     b, hk, g, r, d = query.shape
     logits = torch.matmul(query.reshape(b, hk, g * r, d), keys.transpose(-1, -2)).view(b, hk, g, r, -1).float()
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
     target = logits if diag_from is None else logits[..., diag_from : diag_from + r]
     target.masked_fill_(future, float("-inf"))
     return logits.exp_() if normalised else torch.softmax(logits, dim=-1)
 
 
 def _fused_output_and_lse(
-    grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, softcap: float | None
+    grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Causal attention output ``[B, Hq, q, d]`` and per-row log-sum-exp ``[B, Hk, G, q]`` from PyTorch's fused CPU
-    flash kernel, or ``None`` where it is unavailable (other devices, softcapping, older torch)."""
+    flash kernel, or ``None`` where it is unavailable (other devices, older torch)."""
     kernel = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if kernel is None or softcap is not None or grouped.device.type != "cpu":
+    if kernel is None or grouped.device.type != "cpu":
         return None
     b, hk, g, q, d = grouped.shape
     query = grouped.reshape(b, hk * g, q, d)
