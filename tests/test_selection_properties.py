@@ -169,6 +169,13 @@ def test_selection_top_k_matches_the_stable_sort(length, k, seed, ties, infs):
     mask = top_mask(prio, k)
     assert torch.equal(mask.sum(-1), torch.full(prio.shape[:-1], k))
     assert torch.equal(mask_to_indices(mask, k), expected)
+    # the sync-free forms other devices use (CPU takes data-dependent fast paths) give the same answers
+    from crushkv.selection import _resolve_ties, _scatter_indices
+
+    if 0 < k < length:
+        kth = torch.kthvalue(prio, length - k + 1, dim=-1, keepdim=True).values
+        assert torch.equal(_resolve_ties(prio, kth, k), mask)
+    assert torch.equal(_scatter_indices(mask, k), expected)
 
 
 @settings(max_examples=100, deadline=None)
@@ -215,3 +222,43 @@ def test_representative_mask_matches_the_picks(n, k, rule, seed, steady):
     picks = pick_representatives(distance, candidates, k, rule, fillers=~candidates)
     expected = torch.zeros_like(candidates).scatter_(-1, picks, True)
     assert torch.equal(representative_mask(distance, candidates, k, rule, fillers=~candidates), expected)
+
+
+def _reference_picks(distance: list[int], candidates: list[bool], fillers: list[bool], k: int, rule: str) -> list[int]:
+    """Plain-Python definition: candidates in (distance, slot) order, one per bucket by ``rule``, then fillers."""
+    order = sorted((d, slot) for slot, (d, c) in enumerate(zip(distance, candidates)) if c)
+    m, take = len(order), min(len(order), k)
+    if rule == "bucket":
+        ranks = [i * m // take for i in range(take)]
+    elif rule == "ovg":
+        ranks = [i * (m // take) for i in range(take)]
+    else:
+        ranks = [i * (m - 1) // (take - 1) if take > 1 else 0 for i in range(take)]
+    spare = [slot for slot, (c, f) in enumerate(zip(candidates, fillers)) if f and not c]
+    return [order[r][1] for r in ranks] + spare[: k - take]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    rows=st.integers(1, 4),
+    n=st.integers(1, 30),
+    k=st.integers(0, 12),
+    rule=st.sampled_from(["bucket", "ovg", "linspace"]),
+    same_count=st.booleans(),
+    seed=st.integers(0, 999),
+)
+def test_representatives_match_the_plain_definition(rows, n, k, rule, same_count, seed):
+    """Rows with equal candidate counts take the shared-rank path, unequal ones the per-row path: both match."""
+    gen = torch.Generator().manual_seed(seed)
+    k = min(k, n)
+    distance = torch.randint(0, 4, (rows, n), generator=gen)
+    candidates = torch.zeros(rows, n, dtype=torch.bool)
+    fixed = int(torch.randint(0, n + 1, (1,), generator=gen))
+    for row in range(rows):
+        m = fixed if same_count else int(torch.randint(0, n + 1, (1,), generator=gen))
+        candidates[row, torch.randperm(n, generator=gen)[:m]] = True
+    fillers = ~candidates
+    picks = pick_representatives(distance, candidates, k, rule, fillers=fillers)
+    for row in range(rows):
+        expected = _reference_picks(distance[row].tolist(), candidates[row].tolist(), fillers[row].tolist(), k, rule)
+        assert picks[row].tolist() == expected

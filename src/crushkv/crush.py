@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from crushkv.selection import to_mask, top_mask
+from crushkv.selection import host_sync_is_free, to_mask, top_mask
 
 ANCHORS = ("random", "mean", "alternate", "zeros", "ones")
 PICK_RULES = ("bucket", "ovg", "linspace")
@@ -25,12 +25,11 @@ def indicators(scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
 
     ``scores``/``region``: ``[..., T]``; ties go to the earlier token, so the result is deterministic.
     """
-    prio = torch.where(region, scores.float(), torch.full_like(scores, float("-inf"), dtype=torch.float32))
+    prio = torch.where(region, scores.float(), float("-inf"))
     half = region.sum(-1, keepdim=True) // 2
-    first = half.flatten()[0] if half.numel() else None
-    if first is not None and bool((half == first).all()):
-        # every row keeps the same count (the usual case): O(T) selection instead of a sort
-        return top_mask(prio, int(first)) & region
+    common = _common_value(half)
+    if common is not None:  # every row keeps the same count (the usual case): O(T) selection instead of a sort
+        return top_mask(prio, common) & region
     order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
     rank = torch.empty_like(order).scatter_(
         -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
@@ -59,9 +58,8 @@ def make_anchor(
     elif mode == "mean":
         if members is None:
             members = torch.ones(signatures.shape[:-1], dtype=torch.bool, device=device)
-        count = members.sum(-1, keepdim=True).clamp(min=1)
         ones = (signatures & members[..., None]).sum(-2)
-        return ones.float() / count > 0.5
+        return ones * 2 > members.sum(-1, keepdim=True)  # strictly more than half (no member: all zeros)
     else:
         raise ValueError(f"unknown KVCrush anchor {mode!r}; valid anchors: {', '.join(ANCHORS)}")
     return anchor.expand(*lead, width)
@@ -70,6 +68,10 @@ def make_anchor(
 def hamming(signatures: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     """Number of differing bits between each signature ``[..., T, S]`` and the anchor ``[..., S]``."""
     return (signatures != anchor[..., None, :]).sum(-1)
+
+
+#: sort keys of the slots that are not candidates: fillers first, then the rest (above any distance)
+_FILLER_KEY, _OTHER_KEY = 1 << 40, 1 << 41
 
 
 def pick_representatives(
@@ -84,21 +86,51 @@ def pick_representatives(
     When a row has fewer than ``k`` candidates, all of them are taken and the rest is filled from ``fillers``
     (e.g. padding slots, so tensor shapes stay equal); the caller guarantees ``candidates + fillers >= k``.
     """
+    m = candidates.sum(-1)
+    return _pick(distance, candidates, k, rule, fillers, m, _common_value(m))
+
+
+def _pick(
+    distance: torch.Tensor,
+    candidates: torch.Tensor,
+    k: int,
+    rule: str,
+    fillers: torch.Tensor | None,
+    m: torch.Tensor,
+    common_m: int | None,
+) -> torch.Tensor:
+    """``pick_representatives`` given the candidate count ``m`` of every row (``common_m``: their common value)."""
     if k == 0:
         return torch.zeros(*distance.shape[:-1], 0, dtype=torch.long, device=distance.device)
-    width = int(distance.max().item()) + 1 if distance.numel() else 1
-    key = torch.where(candidates, distance.long(), torch.full_like(distance, width + 2, dtype=torch.long))
-    if fillers is not None:
-        key = torch.where(fillers & ~candidates, torch.full_like(key, width + 1), key)
-    order = torch.sort(key, dim=-1, stable=True).indices
-    m = candidates.sum(-1)
-    k_eff = m.clamp(max=k)
-    i = torch.arange(k, device=distance.device).expand(*m.shape, k)
-    # ranks among candidates for the first k_eff picks; fillers (sorted right after the candidates) afterwards
-    safe_k = k_eff.clamp(min=1)[..., None]
-    rank = bucket_ranks(m, safe_k, i, rule)
-    rank = torch.where(i < k_eff[..., None], rank, m[..., None] + i - k_eff[..., None])
-    return order.gather(-1, rank)
+    i = torch.arange(k, device=distance.device)
+    if common_m is not None and common_m >= k and host_sync_is_free(distance.device):
+        return _pick_by_presence(distance, candidates, common_m, _ranks(m.new_tensor(common_m), k, i, rule))
+    others = _OTHER_KEY if fillers is None else torch.where(fillers, _FILLER_KEY, _OTHER_KEY)
+    order = torch.sort(torch.where(candidates, distance.long(), others), dim=-1, stable=True).indices
+    if common_m is not None:  # the same count in every row (no padding): one rank list for all rows
+        return order.index_select(-1, _ranks(m.new_tensor(common_m), min(common_m, k), i, rule))
+    return order.gather(-1, _ranks(m, m.clamp(max=k)[..., None], i.expand(*m.shape, k), rule))
+
+
+def _pick_by_presence(distance: torch.Tensor, candidates: torch.Tensor, m: int, ranks: torch.Tensor) -> torch.Tensor:
+    """Candidates at sorted positions ``ranks`` when every row has ``m`` of them, without a sort (CPU).
+
+    Distances are small integers, so ``(distance, slot)`` is a unique key below ``(max distance + 1) * L``: marking each
+    candidate's key in a presence table and reading the marks back in order (``nonzero``) lists the candidates in the
+    stable sort's order.
+    """
+    length = distance.shape[-1]
+    keys = distance.long() * length + torch.arange(length, device=distance.device)
+    table = torch.zeros(*keys.shape[:-1], (int(distance.max()) + 1) * length, dtype=torch.bool, device=keys.device)
+    table.scatter_(-1, keys, candidates)
+    order = table.nonzero()[:, -1].view(*keys.shape[:-1], m)
+    return order.index_select(-1, ranks).remainder_(length)
+
+
+def _ranks(m: torch.Tensor, k_eff, i: torch.Tensor, rule: str) -> torch.Tensor:
+    """Sorted positions taken: ``k_eff`` bucket picks among the ``m`` candidates, then the fillers after them."""
+    picks = bucket_ranks(m, torch.as_tensor(k_eff, device=m.device).clamp(min=1), i, rule)
+    return torch.where(i < k_eff, picks, m[..., None] + i - k_eff)
 
 
 def representative_mask(
@@ -115,11 +147,21 @@ def representative_mask(
     (distance, slot) order: the largest distance, the latest slot among ties. No sort is needed for that.
     """
     length = distance.shape[-1]
-    if rule in ("bucket", "ovg") and k >= 1 and distance.numel() and bool((candidates.sum(-1) == k + 1).all()):
-        key = torch.where(candidates, distance.long(), torch.full_like(distance, -1, dtype=torch.long))
+    m = candidates.sum(-1)
+    common_m = _common_value(m)
+    if rule in ("bucket", "ovg") and k >= 1 and common_m == k + 1:
+        key = torch.where(candidates, distance.long(), -1)
         drop = length - 1 - key.flip(-1).argmax(-1, keepdim=True)
         return candidates & (torch.arange(length, device=distance.device) != drop)
-    return to_mask(pick_representatives(distance, candidates, k, rule, fillers), length)
+    return to_mask(_pick(distance, candidates, k, rule, fillers, m, common_m), length)
+
+
+def _common_value(counts: torch.Tensor) -> int | None:
+    """The value every element of ``counts`` has, or ``None`` (also for an empty tensor); one host sync."""
+    if not counts.numel():
+        return None
+    low, high = (int(v) for v in torch.aminmax(counts))
+    return low if low == high else None
 
 
 def bucket_ranks(m: torch.Tensor, k: torch.Tensor, i: torch.Tensor, rule: str) -> torch.Tensor:

@@ -13,6 +13,11 @@ NEG = float("-inf")
 POS = float("inf")
 
 
+def host_sync_is_free(device: torch.device) -> bool:
+    """Whether reading a tensor value back costs no device round trip (CPU): then data-dependent fast paths pay."""
+    return device.type == "cpu"
+
+
 def forced_mask(valid: torch.Tensor, sink: int, recent: int) -> torch.Tensor:
     """Slots that must always be kept: the first ``sink`` valid slots and the last ``recent`` slots of each row."""
     length = valid.shape[-1]
@@ -43,6 +48,15 @@ def top_mask(prio: torch.Tensor, k: int) -> torch.Tensor:
     if k == length:
         return torch.ones_like(prio, dtype=torch.bool)
     kth = torch.kthvalue(prio, length - k + 1, dim=-1, keepdim=True).values
+    if host_sync_is_free(prio.device):  # skip the tie resolution when no row needs it
+        at_least = prio >= kth
+        if bool((at_least.sum(-1) == k).all()):
+            return at_least
+    return _resolve_ties(prio, kth, k)
+
+
+def _resolve_ties(prio: torch.Tensor, kth: torch.Tensor, k: int) -> torch.Tensor:
+    """Slots above the ``k``-th value plus the earliest slots equal to it, up to ``k`` per row (no host sync)."""
     above = prio > kth
     tie = prio == kth
     need = k - above.sum(-1, keepdim=True)
@@ -52,8 +66,18 @@ def top_mask(prio: torch.Tensor, k: int) -> torch.Tensor:
 def mask_to_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
     """Ascending indices ``[..., k]`` of the set slots of a mask with exactly ``k`` set slots per row.
 
-    A cumsum and a scatter, no sort and no host synchronisation (unlike ``nonzero``).
+    ``nonzero`` on CPU; elsewhere a cumsum and a scatter, no sort and no host synchronisation.
     """
+    length = mask.shape[-1]
+    if host_sync_is_free(mask.device):  # nonzero syncs, but it is one pass
+        found = mask.nonzero()[:, -1]
+        if found.numel() == mask.numel() // max(1, length) * k:
+            return found.view(*mask.shape[:-1], k)
+    return _scatter_indices(mask, k)
+
+
+def _scatter_indices(mask: torch.Tensor, k: int) -> torch.Tensor:
+    """``mask_to_indices`` without a host sync: each set slot's running count is its output position."""
     length = mask.shape[-1]
     pos = torch.where(mask, mask.long().cumsum(-1) - 1, k)
     out = torch.empty(*mask.shape[:-1], k + 1, dtype=torch.long, device=mask.device)

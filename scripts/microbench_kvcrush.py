@@ -1,0 +1,131 @@
+"""Micro-benchmark of one KVCrush token selection (host top-k, signatures, anchor, Hamming, buckets, indices).
+
+Times ``KVCrush.select`` at the two shapes a generation with ``interval=auto`` produces: the prompt-time cut of one
+layer (``[1, Hk, L]``) and a batched decode-time cut of all layers at once (``[layers, Hk, budget + interval]``).
+Scores are heavy-tailed random values (like accumulated attention). ``--against REV`` also times the selection with
+``crush.py``/``selection.py`` as of a git revision, in the same interleaved rounds (A/B); a matmul runs between calls
+so caches and threads are as busy as inside a generation. Shapes default to SmolLM2-135M (30 layers, 9 query heads,
+3 KV heads). Usage: ``python scripts/microbench_kvcrush.py [--lengths 1k,2k,4k] [--rounds 200] [--against REV]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from types import SimpleNamespace
+
+import torch
+
+import crushkv.policies.kvcrush as kvcrush_module
+from crushkv.bench.commands import parse_lengths
+from crushkv.policies import parse_policy
+
+#: names the KVCrush policy module imports from ``crush.py`` / ``selection.py`` (swapped for the A/B)
+SWAPPED = ("crush", "selection")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--lengths", default="1k,2k,4k")
+    p.add_argument("--layers", type=int, default=30)
+    p.add_argument("--heads", type=int, default=9)
+    p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--policy", default="h2o+kvcrush:budget=0.25,crush=0.25,anchor=mean,interval=auto")
+    p.add_argument("--rounds", type=int, default=200)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--against", help="git revision whose crush.py/selection.py are timed too (A/B)")
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    policy = parse_policy(args.policy)
+    variants = {"current": {}}
+    if args.against:
+        variants[args.against] = load_revision(args.against)
+    print(f"torch {torch.__version__}, {args.threads} thread(s), {args.policy}, {args.rounds} interleaved rounds")
+    names = list(variants)
+    print("| length | cut | shape | " + " | ".join(f"{n} us (median)" for n in names) + " |")
+    print("|---:|---|---|" + "---:|" * len(names))
+    busy = torch.randn(256, 256)
+    for length in parse_lengths(args.lengths):
+        budget = policy.host.budget_for(SimpleNamespace(context_length=length))
+        interval = policy.interval_for(budget)
+        for cut, batch, slots in (
+            ("prompt, one layer", 1, length),
+            ("decode, all layers", args.layers, budget + interval),
+        ):
+            layer = stand_in_layer(batch, args.kv_heads, args.heads // args.kv_heads, slots, length)
+            times = {name: [] for name in names}
+            for _ in range(args.rounds):
+                for name in names:
+                    busy @ busy
+                    with swapped(variants[name]):
+                        start = time.perf_counter()
+                        policy.select(layer, budget)
+                        times[name].append((time.perf_counter() - start) * 1e6)
+            cells = " | ".join(f"{statistics.median(times[n]):.0f}" for n in names)
+            print(f"| {length} | {cut} | {batch}x{args.kv_heads}x{slots} | {cells} |")
+
+
+def stand_in_layer(batch: int, kv_heads: int, group: int, slots: int, context: int) -> SimpleNamespace:
+    """What ``KVCrush.select`` reads from a layer: validity, H2O's accumulated scores, head count, context length."""
+    gen = torch.Generator().manual_seed(0)
+    score = torch.rand(batch, kv_heads, group, slots, generator=gen) ** 4
+    return SimpleNamespace(
+        valid=torch.ones(batch, kv_heads, slots, dtype=torch.bool),
+        state={"score": score, "count": torch.ones(batch, kv_heads, slots)},
+        num_heads=kv_heads,
+        context_length=context,
+        extras={},
+        layer_idx=0,
+        rank=0,
+        num_compressed_layers=1,
+    )
+
+
+def load_revision(rev: str) -> dict[str, object]:
+    """The functions the KVCrush module uses, from ``crush.py``/``selection.py`` as of git revision ``rev``."""
+    root = Path(__file__).resolve().parents[1]
+    folder = Path(tempfile.mkdtemp())
+    for name in SWAPPED:
+        text = subprocess.run(
+            ["git", "show", f"{rev}:src/crushkv/{name}.py"], cwd=root, check=True, capture_output=True, text=True
+        ).stdout
+        (folder / f"{name}_other.py").write_text(
+            text.replace("from crushkv.selection import", "from selection_other import")
+        )
+    sys.path.insert(0, str(folder))
+    modules = {}
+    for name in reversed(SWAPPED):  # selection first: crush imports it
+        spec = importlib.util.spec_from_file_location(f"{name}_other", folder / f"{name}_other.py")
+        modules[name] = importlib.util.module_from_spec(spec)
+        sys.modules[f"{name}_other"] = modules[name]
+        spec.loader.exec_module(modules[name])
+    names = {}
+    for attr in dir(kvcrush_module):
+        for module in modules.values():
+            if hasattr(module, attr) and callable(getattr(kvcrush_module, attr)):
+                names[attr] = getattr(module, attr)
+    return names
+
+
+@contextmanager
+def swapped(names: dict[str, object]):
+    """Temporarily rebind names in the KVCrush policy module."""
+    saved = {attr: getattr(kvcrush_module, attr) for attr in names}
+    for attr, value in names.items():
+        setattr(kvcrush_module, attr, value)
+    try:
+        yield
+    finally:
+        for attr, value in saved.items():
+            setattr(kvcrush_module, attr, value)
+
+
+if __name__ == "__main__":
+    main()
