@@ -12,6 +12,8 @@ block granularity (OpenVINO GenAI's paged variant) one bit per token of a block 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 from crushkv.selection import host_sync_is_free, to_mask, top_mask
@@ -23,7 +25,7 @@ PICK_RULES = ("bucket", "ovg", "linspace")
 def indicators(scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Bit 1 for the ``floor(n/2)`` highest-scoring region tokens of each row (``n`` = region size of that row).
 
-    ``scores``/``region``: ``[..., T]``; ties go to the earlier token, so the result is deterministic.
+    ``scores``: ``[..., T]``, ``region`` broadcastable to it; ties go to the earlier token (deterministic).
     """
     prio = torch.where(region, scores.float(), float("-inf"))
     half = region.sum(-1, keepdim=True) // 2
@@ -104,7 +106,7 @@ def _pick(
         return torch.zeros(*distance.shape[:-1], 0, dtype=torch.long, device=distance.device)
     i = torch.arange(k, device=distance.device)
     if common_m is not None and common_m >= k and host_sync_is_free(distance.device):
-        return _pick_by_presence(distance, candidates, common_m, _ranks(m.new_tensor(common_m), k, i, rule))
+        return _pick_by_presence(distance, candidates, common_m, _common_ranks(common_m, k, rule))
     others = _OTHER_KEY if fillers is None else torch.where(fillers, _FILLER_KEY, _OTHER_KEY)
     order = torch.sort(torch.where(candidates, distance.long(), others), dim=-1, stable=True).indices
     if common_m is not None:  # the same count in every row (no padding): one rank list for all rows
@@ -125,6 +127,12 @@ def _pick_by_presence(distance: torch.Tensor, candidates: torch.Tensor, m: int, 
     table.scatter_(-1, keys, candidates)
     order = table.nonzero()[:, -1].view(*keys.shape[:-1], m)
     return order.index_select(-1, ranks).remainder_(length)
+
+
+@functools.lru_cache(maxsize=256)
+def _common_ranks(m: int, k: int, rule: str) -> torch.Tensor:
+    """CPU rank list of ``k <= m`` picks among ``m`` candidates (the same for every decode cut of a layer)."""
+    return bucket_ranks(torch.tensor(m), torch.tensor(k), torch.arange(k), rule)
 
 
 def _ranks(m: torch.Tensor, k_eff, i: torch.Tensor, rule: str) -> torch.Tensor:
@@ -182,5 +190,5 @@ def bucket_ranks(m: torch.Tensor, k: torch.Tensor, i: torch.Tensor, rule: str) -
 
 def token_signatures(head_scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
     """Per-token head-behaviour signatures ``[B, L, S]`` from per-head scores ``[B, S, L]`` over ``region [B, L]``."""
-    bits = indicators(head_scores, region[:, None, :].expand_as(head_scores))
+    bits = indicators(head_scores, region[:, None, :])  # the region broadcasts over the heads
     return bits.transpose(-1, -2)
