@@ -6,7 +6,9 @@ statistics from the same probability blocks), interleaved round by round, and th
 Shapes default to SmolLM2-135M (9 query heads, 3 KV heads, head dim 64); Qwen2.5-Coder-0.5B is
 ``--heads 14 --kv-heads 2``. Usage:
 ``python scripts/microbench_prompt_stats.py [--lengths 1k,2k,4k,8k] [--rounds 7] [--threads 2] [--dtype float32]
-[--against REV]``; ``--against`` also times ``attention_math.py`` as of a git revision, in the same rounds (A/B).
+[--against REV] [--profile]``; ``--against`` also times ``attention_math.py`` as of a git revision, in the same rounds
+(A/B); ``--profile`` adds, per length, where the statistics pass spends its time (``torch.profiler``, self CPU time
+per op, one call after the rounds).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ def main() -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--stride", type=int, default=1, help="H2O row sampling (1 = exact statistics)")
     p.add_argument("--against", help="git revision whose attention_math.py is timed too (A/B in the same rounds)")
+    p.add_argument("--profile", action="store_true", help="also print the statistics pass's time per op")
     args = p.parse_args()
     other = load_revision(args.against) if args.against else None
     torch.set_num_threads(args.threads)
@@ -60,6 +63,8 @@ def main() -> None:
         if other:
             row += f" {statistics.median(times['other']) - sdpa:+.1f} |"
         print(row)
+        if args.profile:
+            print(profile_ops(length, args, dtype, scale))
 
 
 def load_revision(rev: str):
@@ -76,12 +81,32 @@ def load_revision(rev: str):
     return module
 
 
-def time_length(length: int, args: argparse.Namespace, dtype: torch.dtype, scale: float, other=None) -> dict:
-    """Milliseconds per round of SDPA and of the statistics pass (and ``other``'s) at one prompt length."""
+def inputs(length: int, args: argparse.Namespace, dtype: torch.dtype):
+    """Random queries, keys and values of one layer (fixed seed)."""
     gen = torch.Generator().manual_seed(0)
     q = torch.randn(1, args.heads, length, args.head_dim, generator=gen).to(dtype)
     k = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
     v = torch.randn(1, args.kv_heads, length, args.head_dim, generator=gen).to(dtype)
+    return q, k, v
+
+
+def profile_ops(length: int, args: argparse.Namespace, dtype: torch.dtype, scale: float) -> str:
+    """Self CPU milliseconds per op of one statistics pass (both products of each block are ``aten::bmm``)."""
+    q, k, v = inputs(length, args, dtype)
+    row_valid = torch.ones(1, length, dtype=torch.bool)
+    request = StatsRequest(rows=ALL_ROWS, stride=args.stride)
+    attend(q, k, v, None, True, row_valid, scale, None, request)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        attend(q, k, v, None, True, row_valid, scale, None, request)
+    ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
+    total = sum(e.self_cpu_time_total for e in ops)
+    parts = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ({e.count}x)" for e in ops[:6])
+    return f"  {length}: {total / 1e3:.1f} ms self CPU in all; top ops ms (calls): {parts}"
+
+
+def time_length(length: int, args: argparse.Namespace, dtype: torch.dtype, scale: float, other=None) -> dict:
+    """Milliseconds per round of SDPA and of the statistics pass (and ``other``'s) at one prompt length."""
+    q, k, v = inputs(length, args, dtype)
     row_valid = torch.ones(1, length, dtype=torch.bool)
     request = StatsRequest(rows=ALL_ROWS, stride=args.stride)
     runs = {
