@@ -258,7 +258,16 @@ def test_representatives_match_the_plain_definition(rows, n, k, rule, same_count
         m = fixed if same_count else int(torch.randint(0, n + 1, (1,), generator=gen))
         candidates[row, torch.randperm(n, generator=gen)[:m]] = True
     fillers = ~candidates
-    picks = pick_representatives(distance, candidates, k, rule, fillers=fillers)
-    for row in range(rows):
-        expected = _reference_picks(distance[row].tolist(), candidates[row].tolist(), fillers[row].tolist(), k, rule)
-        assert picks[row].tolist() == expected
+    import crushkv.crush as crush
+
+    limit = crush.PRESENCE_TABLE_ELEMENTS
+    try:
+        for crush.PRESENCE_TABLE_ELEMENTS in (limit, 0):  # presence table (CPU default), then the sort (other devices)
+            picks = pick_representatives(distance, candidates, k, rule, fillers=fillers)
+            for row in range(rows):
+                reference = _reference_picks(
+                    distance[row].tolist(), candidates[row].tolist(), fillers[row].tolist(), k, rule
+                )
+                assert picks[row].tolist() == reference
+    finally:
+        crush.PRESENCE_TABLE_ELEMENTS = limit

@@ -72,6 +72,9 @@ def hamming(signatures: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
     return (signatures != anchor[..., None, :]).sum(-1)
 
 
+#: largest presence table (booleans) the sort-free bucket picks may allocate; bigger problems take the sort
+PRESENCE_TABLE_ELEMENTS = 1 << 24
+
 #: sort keys of the slots that are not candidates: fillers first, then the rest (above any distance)
 _FILLER_KEY, _OTHER_KEY = 1 << 40, 1 << 41
 
@@ -106,7 +109,9 @@ def _pick(
         return torch.zeros(*distance.shape[:-1], 0, dtype=torch.long, device=distance.device)
     i = torch.arange(k, device=distance.device)
     if common_m is not None and common_m >= k and host_sync_is_free(distance.device):
-        return _pick_by_presence(distance, candidates, common_m, _common_ranks(common_m, k, rule))
+        width = int(distance.max()) + 1 if distance.numel() else 1
+        if distance.numel() * width <= PRESENCE_TABLE_ELEMENTS:
+            return _pick_by_presence(distance, candidates, common_m, width, _common_ranks(common_m, k, rule))
     others = _OTHER_KEY if fillers is None else torch.where(fillers, _FILLER_KEY, _OTHER_KEY)
     order = torch.sort(torch.where(candidates, distance.long(), others), dim=-1, stable=True).indices
     if common_m is not None:  # the same count in every row (no padding): one rank list for all rows
@@ -114,16 +119,18 @@ def _pick(
     return order.gather(-1, _ranks(m, m.clamp(max=k)[..., None], i.expand(*m.shape, k), rule))
 
 
-def _pick_by_presence(distance: torch.Tensor, candidates: torch.Tensor, m: int, ranks: torch.Tensor) -> torch.Tensor:
+def _pick_by_presence(
+    distance: torch.Tensor, candidates: torch.Tensor, m: int, width: int, ranks: torch.Tensor
+) -> torch.Tensor:
     """Candidates at sorted positions ``ranks`` when every row has ``m`` of them, without a sort (CPU).
 
-    Distances are small integers, so ``(distance, slot)`` is a unique key below ``(max distance + 1) * L``: marking each
-    candidate's key in a presence table and reading the marks back in order (``nonzero``) lists the candidates in the
-    stable sort's order.
+    Distances are small integers below ``width``, so ``(distance, slot)`` is a unique key below ``width * L``: marking
+    each candidate's key in a presence table and reading the marks back in order (``nonzero``) lists the candidates
+    in the stable sort's order.
     """
     length = distance.shape[-1]
     keys = distance.long() * length + torch.arange(length, device=distance.device)
-    table = torch.zeros(*keys.shape[:-1], (int(distance.max()) + 1) * length, dtype=torch.bool, device=keys.device)
+    table = torch.zeros(*keys.shape[:-1], width * length, dtype=torch.bool, device=keys.device)
     table.scatter_(-1, keys, candidates)
     order = table.nonzero()[:, -1].view(*keys.shape[:-1], m)
     return order.index_select(-1, ranks).remainder_(length)
