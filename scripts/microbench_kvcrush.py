@@ -11,24 +11,17 @@ so caches and threads are as busy as inside a generation. Shapes default to Smol
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from contextlib import contextmanager
-from pathlib import Path
 from types import SimpleNamespace
 
 import torch
+from revision import module_at
 
 import crushkv.policies.kvcrush as kvcrush_module
 from crushkv.bench.commands import parse_lengths
 from crushkv.policies import parse_policy
-
-#: names the KVCrush policy module imports from ``crush.py`` / ``selection.py`` (swapped for the A/B)
-SWAPPED = ("crush", "selection")
 
 
 def main() -> None:
@@ -90,25 +83,13 @@ def stand_in_layer(batch: int, kv_heads: int, group: int, slots: int, context: i
 
 def load_revision(rev: str) -> dict[str, object]:
     """The functions the KVCrush module uses, from ``crush.py``/``selection.py`` as of git revision ``rev``."""
-    root = Path(__file__).resolve().parents[1]
-    folder = Path(tempfile.mkdtemp())
-    for name in SWAPPED:
-        text = subprocess.run(
-            ["git", "show", f"{rev}:src/crushkv/{name}.py"], cwd=root, check=True, capture_output=True, text=True
-        ).stdout
-        (folder / f"{name}_other.py").write_text(
-            text.replace("from crushkv.selection import", "from selection_other import")
-        )
-    sys.path.insert(0, str(folder))
-    modules = {}
-    for name in reversed(SWAPPED):  # selection first: crush imports it
-        spec = importlib.util.spec_from_file_location(f"{name}_other", folder / f"{name}_other.py")
-        modules[name] = importlib.util.module_from_spec(spec)
-        sys.modules[f"{name}_other"] = modules[name]
-        spec.loader.exec_module(modules[name])
+    selection = module_at(rev, "selection")
+    crush = module_at(
+        rev, "crush", lambda text: text.replace("from crushkv.selection import", "from selection_other import")
+    )
     names = {}
     for attr in dir(kvcrush_module):
-        for module in modules.values():
+        for module in (crush, selection):
             if hasattr(module, attr) and callable(getattr(kvcrush_module, attr)):
                 names[attr] = getattr(module, attr)
     return names

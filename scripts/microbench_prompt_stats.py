@@ -14,15 +14,12 @@ per op, one call after the rounds).
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import statistics
-import subprocess
-import tempfile
 import time
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from revision import module_at
 
 from crushkv.attention_math import attend
 from crushkv.bench.commands import parse_lengths
@@ -68,17 +65,8 @@ def main() -> None:
 
 
 def load_revision(rev: str):
-    """``crushkv.attention_math`` as of git revision ``rev``, imported from a temporary file."""
-    root = Path(__file__).resolve().parents[1]
-    text = subprocess.run(
-        ["git", "show", f"{rev}:src/crushkv/attention_math.py"], cwd=root, check=True, capture_output=True, text=True
-    ).stdout
-    path = Path(tempfile.mkdtemp()) / "attention_math_other.py"
-    path.write_text(text)
-    spec = importlib.util.spec_from_file_location("attention_math_other", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    """``crushkv.attention_math`` as of git revision ``rev``."""
+    return module_at(rev, "attention_math")
 
 
 def inputs(length: int, args: argparse.Namespace, dtype: torch.dtype):

@@ -107,13 +107,13 @@ def _pick(
     """``pick_representatives`` given the candidate count ``m`` of every row (``common_m``: their common value)."""
     if k == 0:
         return torch.zeros(*distance.shape[:-1], 0, dtype=torch.long, device=distance.device)
-    i = torch.arange(k, device=distance.device)
     if common_m is not None and common_m >= k and host_sync_is_free(distance.device):
         width = int(distance.max()) + 1 if distance.numel() else 1
         if distance.numel() * width <= PRESENCE_TABLE_ELEMENTS:
             return _pick_by_presence(distance, candidates, common_m, width, _common_ranks(common_m, k, rule))
     others = _OTHER_KEY if fillers is None else torch.where(fillers, _FILLER_KEY, _OTHER_KEY)
     order = torch.sort(torch.where(candidates, distance.long(), others), dim=-1, stable=True).indices
+    i = torch.arange(k, device=distance.device)
     if common_m is not None:  # the same count in every row (no padding): one rank list for all rows
         return order.index_select(-1, _ranks(m.new_tensor(common_m), min(common_m, k), i, rule))
     return order.gather(-1, _ranks(m, m.clamp(max=k)[..., None], i.expand(*m.shape, k), rule))
