@@ -2,8 +2,8 @@
 
 For a ``CompressedLayer`` it rebuilds the mask from the kept slots' logical positions and padding flags, computes
 the attention output (SDPA, or one chunked pass when a policy needs every query row's probabilities), hands the
-requested statistics to the policy and evicts right after this layer's attention. Any other layer (sliding-window
-layers, or a call with a different cache) goes to transformers' SDPA unchanged.
+requested statistics to the policy and queues this layer's eviction (run in batches, see ``crushkv.layer_stack``).
+Any other layer (sliding-window layers, or a call with a different cache) goes to transformers' SDPA unchanged.
 """
 
 from __future__ import annotations
@@ -51,8 +51,8 @@ def compressed_attention(
 ) -> torch.Tensor:
     """Attention of this pass's queries over the layer's kept slots, then statistics and eviction.
 
-    The prompt pass evicts right after each layer (peak memory stays one uncompressed layer); short decode passes
-    queue the eviction on ``cache`` and the last compressed layer runs all of them together (``layer_stack``).
+    Evictions are queued on ``cache`` and run in batches of same-shape layers (``layer_stack``): a decode pass at its
+    last compressed layer, a prompt whenever the queued uncompressed K/V would exceed ``cache.defer_bytes``.
     """
     b, q_len = query.shape[0], query.shape[2]
     if cache is not None and cache.pending and layer.rank == 0:
@@ -99,10 +99,10 @@ def compressed_attention(
         budget = policy.budget_for(layer)
         slack = 0 if first else policy.interval_for(budget) - 1
         if layer.physical_length > budget + slack:
-            if cache is not None and not first and q_len <= DEFER_MAX_TOKENS:
-                cache.pending.append((layer, budget))
-            else:
+            if cache is None:
                 evict([(layer, budget)])
+            else:
+                cache.queue_eviction(layer, budget, short_pass=not first and q_len <= DEFER_MAX_TOKENS)
     layer.forwards += 1
     if cache is not None and cache.pending and layer.rank == layer.num_compressed_layers - 1:
         cache.evict_pending()

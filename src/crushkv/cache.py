@@ -4,7 +4,8 @@
 together with each slot's logical position and a padding flag. It reports the *logical* length from
 ``get_seq_length`` (so transformers derives correct RoPE positions for new tokens) and the physical length plus the
 offset between the two from ``get_mask_sizes``. Masks over the non-contiguous kept positions are rebuilt by
-crushkv's attention function (``crushkv.attention``), which also evicts right after each layer's attention.
+crushkv's attention function (``crushkv.attention``), which also queues each layer's eviction right after its
+attention (``CrushCache.queue_eviction``).
 Sliding-window layers (Gemma3) keep transformers' ``DynamicSlidingWindowLayer`` semantics and are not compressed.
 """
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from transformers.cache_utils import Cache, DynamicLayer, DynamicSlidingWindowLayer
 
-from crushkv.layer_stack import evict
+from crushkv.layer_stack import DEFER_MAX_BYTES, evict
 from crushkv.policies import AnyPolicy, parse_policy
 
 FULL_TYPES = ("full_attention",)
@@ -181,19 +182,41 @@ class CrushCache(Cache):
                 layers.append(DynamicSlidingWindowLayer(sliding_window=window))
         super().__init__(layers=layers)
         self.active = False
-        #: decode-step evictions queued until the pass's last compressed layer (see ``crushkv.layer_stack``)
+        #: evictions queued for one batched selection (see ``crushkv.layer_stack``)
         self.pending: list[tuple[CompressedLayer, int]] = []
+        #: uncompressed K/V bytes of the queued layers of a long pass (the prompt)
+        self.pending_bytes = 0
+        #: cap on ``pending_bytes``; 0 cuts a long pass back layer by layer (lowest peak memory)
+        self.defer_bytes = DEFER_MAX_BYTES
         #: False: select layer by layer (same kept sets, more per-op overhead); kept for A/B runs and tests
         self.batched_eviction = True
 
     def reset(self) -> None:
-        self.pending = []
+        self.pending, self.pending_bytes = [], 0
         super().reset()
 
     def evict_pending(self) -> None:
         """Run the queued evictions, same-shape layers in one batched selection."""
-        pending, self.pending = self.pending, []
+        pending, self.pending, self.pending_bytes = self.pending, [], 0
         evict(pending, batched=self.batched_eviction)
+
+    def queue_eviction(self, layer: CompressedLayer, budget: int, short_pass: bool) -> None:
+        """Queue ``layer``'s cut to ``budget``; the pass's last compressed layer runs the queue (``evict_pending``).
+
+        A short (decode) pass always queues. A long pass (the prompt) queues while the queued layers' uncompressed
+        K/V stay within ``defer_bytes``, running the queue first when this layer would push it past that.
+        """
+        if short_pass:
+            self.pending.append((layer, budget))
+            return
+        size = layer.keys.nbytes + layer.values.nbytes
+        if self.pending and self.pending_bytes + size > self.defer_bytes:
+            self.evict_pending()
+        if size > self.defer_bytes:
+            evict([(layer, budget)])
+            return
+        self.pending.append((layer, budget))
+        self.pending_bytes += size
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         if not self.active:

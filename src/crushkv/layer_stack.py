@@ -1,10 +1,15 @@
-"""Decode-step eviction for many layers at once: same-shape layers folded into the batch dimension.
+"""Eviction for many layers at once: same-shape layers folded into the batch dimension.
 
-During decoding every compressed layer cuts back by the same few slots at the same step, and a policy's selection
-is a few dozen small tensor ops per layer, so per-op overhead dominates. A layer's cache is not read again before the
-next forward pass, so its eviction can wait until the last compressed layer of the pass has run; then all layers
-with the same shape (slots, heads, budget) are selected together by one ``policy.select`` on a ``LayerStack``.
-The kept sets are the ones per-layer selection gives (tested over the whole policy matrix).
+A policy's selection is a few dozen small tensor ops per layer, so per-op overhead dominates short contexts. A
+layer's cache is not read again before the next forward pass, so its eviction can wait: all queued layers with the
+same shape (slots, heads, budget) are then selected together by one ``policy.select`` on a ``LayerStack``. The kept
+sets are the ones per-layer selection gives (tested over the whole policy matrix).
+
+* Decode passes (at most ``DEFER_MAX_TOKENS`` new tokens) queue every layer until the last compressed layer.
+* Longer passes (the prompt) queue a layer only while the queued layers' uncompressed keys/values stay within
+  ``DEFER_MAX_BYTES``; the queue is cut back before it would grow past that. So the prompt pass holds at most
+  ``DEFER_MAX_BYTES`` of uncompressed K/V on top of the layer being computed (short prompts: several layers per
+  selection; long prompts, whose selections are cheap next to their attention: one layer at a time, as before).
 
 A policy whose selection depends on the layer itself (its index, a per-layer generator) sets ``batchable = False``.
 A ``LayerStack`` exposes only what a batchable policy may read; anything else raises ``AttributeError``.
@@ -22,9 +27,11 @@ from crushkv.profiling import PROFILER
 if TYPE_CHECKING:
     from crushkv.cache import CompressedLayer
 
-#: decode passes of at most this many new tokens defer their eviction to the end of the pass (longer passes, e.g. a
-#: second prompt, evict right away so that all layers never hold the uncompressed chunk at once)
+#: decode passes of at most this many new tokens defer their eviction to the end of the pass
 DEFER_MAX_TOKENS = 16
+#: longer passes (a prompt) queue layers while their uncompressed K/V total at most this many bytes (16 MiB: ten
+#: SmolLM2-135M fp32 layers of a 1k prompt, two of a 4k one, none beyond ~5k)
+DEFER_MAX_BYTES = 16 << 20
 
 
 class LayerStack:
