@@ -156,3 +156,25 @@ def test_short_names_label_the_schedule():
     assert short_name(f"{base},interval=16") == "h2o+kvcrush b=0.25 decode every 16"
     assert short_name(f"{base},interval=auto") == "h2o+kvcrush b=0.25 decode interval=auto"
     assert short_name("full") == "full"
+
+
+def test_defer_bytes_reaches_the_cache_and_the_report(report):
+    """``--defer-bytes 0`` (layer-by-layer prompt cuts) is recorded and keeps the same tokens as the default."""
+    from crushkv.bench.timing import timed_generation
+    from crushkv.layer_stack import DEFER_MAX_BYTES
+
+    assert report["meta"]["defer_bytes"] == DEFER_MAX_BYTES
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 96), generator=torch.Generator().manual_seed(3))
+    runs = [timed_generation(model, ids, POLICIES[1], 4, profile=True, defer_bytes=d) for d in (0, None)]
+    assert runs[0].output_ids == runs[1].output_ids and runs[0].kept_tokens == runs[1].kept_tokens
+    from crushkv.cli import build_parser
+
+    assert build_parser().parse_args(["bench", "--defer-bytes", "0"]).defer_bytes == 0
+
+
+def test_compress_rejects_a_negative_defer_bytes():
+    import crushkv
+
+    with pytest.raises(ValueError, match="defer_bytes"), crushkv.compress(tiny_llama(), "h2o:budget=64", defer_bytes=-1):
+        pass

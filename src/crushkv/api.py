@@ -32,11 +32,13 @@ def check_supported(model) -> None:
 
 
 @contextmanager
-def compress(model, policy: str | AnyPolicy = "full") -> Iterator[CrushCache]:
+def compress(model, policy: str | AnyPolicy = "full", defer_bytes: int | None = None) -> Iterator[CrushCache]:
     """Yield a ``CrushCache`` to pass as ``past_key_values`` to ``model(...)`` / ``model.generate(...)``.
 
     Inside the block the model uses crushkv's attention function (SDPA plus the statistics the policy needs);
-    leaving the block restores the model's attention implementation.
+    leaving the block restores the model's attention implementation. ``defer_bytes``: uncompressed prompt K/V the
+    cache may hold back to cut several layers in one selection (default ``layer_stack.DEFER_MAX_BYTES`` = 16 MiB;
+    0 cuts the prompt layer by layer, the lowest peak memory).
 
     >>> with crushkv.compress(model, "h2o+kvcrush:budget=512,crush=384") as cache:
     ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
@@ -44,6 +46,10 @@ def compress(model, policy: str | AnyPolicy = "full") -> Iterator[CrushCache]:
     policy = parse_policy(policy)
     check_supported(model)
     cache = CrushCache(model.config, policy)
+    if defer_bytes is not None:
+        if defer_bytes < 0:
+            raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
+        cache.defer_bytes = int(defer_bytes)
     attention.register()
     modules = attention_modules(model)
     previous = model.config._attn_implementation

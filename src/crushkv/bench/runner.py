@@ -20,6 +20,7 @@ import torch
 from crushkv.bench.fit import fit_exponent
 from crushkv.bench.memory import peak_memory
 from crushkv.bench.timing import GenerationRun, timed_generation
+from crushkv.layer_stack import DEFER_MAX_BYTES
 from crushkv.policies import parse_policy
 from crushkv.policies.base import resolve_budget
 
@@ -48,6 +49,8 @@ class BenchSettings:
     new_tokens: int = 32
     repeats: int = 1
     warmup: bool = True
+    #: ``crushkv.compress(defer_bytes=...)`` for every run (``None``: the library default)
+    defer_bytes: int | None = None
     meta: dict[str, Any] = field(default_factory=dict)
 
 
@@ -63,7 +66,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
     if settings.warmup:  # first calls pay one-off costs (kernels, allocator growth): keep them out of the numbers
         warm = prompt_ids[:, : min(settings.lengths)]
         for spec in specs:
-            timed_generation(model, warm, spec, 2, profile=True)
+            timed_generation(model, warm, spec, 2, profile=True, defer_bytes=settings.defer_bytes)
     cells: list[dict[str, Any]] = []
     bar = _progress(len(settings.lengths) * len(specs) * settings.repeats, progress)
     for length in settings.lengths:
@@ -74,7 +77,9 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
                 bar.set_description(f"{length} {spec.split(':')[0]}")
                 gc.collect()
                 with peak_memory(device) as mem:
-                    run = timed_generation(model, ids, spec, settings.new_tokens, profile=True)
+                    run = timed_generation(
+                        model, ids, spec, settings.new_tokens, profile=True, defer_bytes=settings.defer_bytes
+                    )
                 if spec not in best or run.total_s < best[spec][0].total_s:
                     best[spec] = (run, mem)
                 bar.update(1)
@@ -90,6 +95,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
             "policies": specs,
             "new_tokens": settings.new_tokens,
             "repeats": settings.repeats,
+            "defer_bytes": DEFER_MAX_BYTES if settings.defer_bytes is None else settings.defer_bytes,
         }
     }
     report["cells"] = cells

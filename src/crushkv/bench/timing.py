@@ -56,16 +56,21 @@ def _sync(device: torch.device) -> None:
 
 @torch.no_grad()
 def timed_generation(
-    model, input_ids: torch.Tensor, policy: str | AnyPolicy, new_tokens: int, profile: bool = False
+    model,
+    input_ids: torch.Tensor,
+    policy: str | AnyPolicy,
+    new_tokens: int,
+    profile: bool = False,
+    defer_bytes: int | None = None,
 ) -> GenerationRun:
-    """Greedy-decode ``new_tokens`` after ``input_ids`` (batch 1) inside ``crushkv.compress``.
+    """Greedy-decode ``new_tokens`` after ``input_ids`` (batch 1) inside ``crushkv.compress`` (``defer_bytes``: its).
 
     The prefill time is the time to first token (one forward over the prompt, logits of the last position only).
     Decode steps are timed together; bytes are sampled after every step to report the maximum held.
     """
     policy = parse_policy(policy)
     device = input_ids.device
-    with PROFILER.recording() if profile else nullcontext() as prof, compress(model, policy) as cache:
+    with PROFILER.recording() if profile else nullcontext() as prof, compress(model, policy, defer_bytes) as cache:
         _sync(device)
         start = time.perf_counter()
         out = model(input_ids, past_key_values=cache, logits_to_keep=1)
