@@ -176,5 +176,6 @@ def test_defer_bytes_reaches_the_cache_and_the_report(report):
 def test_compress_rejects_a_negative_defer_bytes():
     import crushkv
 
-    with pytest.raises(ValueError, match="defer_bytes"), crushkv.compress(tiny_llama(), "h2o:budget=64", defer_bytes=-1):
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="defer_bytes"), crushkv.compress(model, "h2o:budget=64", defer_bytes=-1):
         pass
