@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -21,6 +23,17 @@ def attention_modules(model) -> list:
     return modules
 
 
+def cache_kwargs(model, cache) -> dict[str, object]:
+    """``{name: cache}`` for ``model(...)`` / ``model.generate(...)``: transformers >= 5.24 calls the argument ``cache``
+    (``past_key_values`` is deprecated there), earlier 5.x versions ``past_key_values``."""
+    return {_cache_argument(type(model)): cache}
+
+
+@functools.lru_cache(maxsize=64)
+def _cache_argument(model_class: type) -> str:
+    return "cache" if "cache" in inspect.signature(model_class.forward).parameters else "past_key_values"
+
+
 def check_supported(model) -> None:
     """Raise ``ValueError`` for a model family crushkv does not support."""
     config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
@@ -33,7 +46,8 @@ def check_supported(model) -> None:
 
 @contextmanager
 def compress(model, policy: str | AnyPolicy = "full", defer_bytes: int | None = None) -> Iterator[CrushCache]:
-    """Yield a ``CrushCache`` to pass as ``past_key_values`` to ``model(...)`` / ``model.generate(...)``.
+    """Yield a ``CrushCache`` to pass as the cache (``cache=``, ``past_key_values=`` before transformers 5.24; see
+    ``cache_kwargs``) to ``model(...)`` / ``model.generate(...)``.
 
     Inside the block the model uses crushkv's attention function (SDPA plus the statistics the policy needs);
     leaving the block restores the model's attention implementation. ``defer_bytes``: uncompressed prompt K/V the
@@ -41,7 +55,7 @@ def compress(model, policy: str | AnyPolicy = "full", defer_bytes: int | None = 
     0 cuts the prompt layer by layer, the lowest peak memory).
 
     >>> with crushkv.compress(model, "h2o+kvcrush:budget=512,crush=384") as cache:
-    ...     out = model.generate(**inputs, past_key_values=cache, max_new_tokens=64)
+    ...     out = model.generate(**inputs, **crushkv.cache_kwargs(model, cache), max_new_tokens=64)
     """
     policy = parse_policy(policy)
     check_supported(model)

@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from crushkv.api import compress
+from crushkv.api import cache_kwargs, compress
 
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "kvpress_compare.py"
 PAIRS = {"snapkv": "snapkv", "streaming": "streaming", "observed": "h2o"}
@@ -55,7 +55,7 @@ def crushkv_prefill(model, ids: torch.Tensor, spec: str) -> tuple[float, list[li
     """Seconds of one compressed prefill, and kept logical positions ``[layer][kv_head][slot]``."""
     with compress(model, spec) as cache:
         start = time.perf_counter()
-        model(ids, past_key_values=cache, logits_to_keep=1)
+        model(ids, **cache_kwargs(model, cache), logits_to_keep=1)
         seconds = time.perf_counter() - start
         kept = [cache.kept_positions(i)[0].sort(-1).values.tolist() for i in cache.compressed_layers]
     return seconds, kept

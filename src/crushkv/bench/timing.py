@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from crushkv.api import compress
+from crushkv.api import cache_kwargs, compress
 from crushkv.policies import AnyPolicy, parse_policy
 from crushkv.profiling import PROFILER
 
@@ -73,7 +73,7 @@ def timed_generation(
     with PROFILER.recording() if profile else nullcontext() as prof, compress(model, policy, defer_bytes) as cache:
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids, past_key_values=cache, logits_to_keep=1)
+        out = model(input_ids, **cache_kwargs(model, cache), logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         prefill = time.perf_counter() - start
@@ -82,7 +82,7 @@ def timed_generation(
         trace = [cache.nbytes()]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(token, past_key_values=cache)
+            out = model(token, **cache_kwargs(model, cache))
             token = out.logits[:, -1:].argmax(-1)
             generated.append(int(token))
             trace.append(cache.nbytes())

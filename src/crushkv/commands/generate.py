@@ -34,7 +34,9 @@ def run(args: argparse.Namespace) -> int:
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
     with torch.no_grad(), crushkv.compress(model, policy) as cache:
-        out = model.generate(**inputs, past_key_values=cache, max_new_tokens=args.max_new_tokens, **sampling)
+        out = model.generate(
+            **inputs, **crushkv.cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, **sampling
+        )
         summary = cache.summary()
     print(tokenizer.decode(out[0, inputs.input_ids.shape[1] :], skip_special_tokens=True))
     kept = [summary["kept_tokens"][i] for i in cache.compressed_layers]

@@ -203,6 +203,13 @@ def compress_ctx(model: Any, policy: Any) -> Any:
     return compress(model, policy)
 
 
+def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
+    """`crushkv.cache_kwargs(model, cache)`: the cache argument under this transformers version's name (lazy import)."""
+    from crushkv.api import cache_kwargs as named
+
+    return named(model, cache)
+
+
 @torch.inference_mode()
 def generate_compressed(
     model: Any,
@@ -234,11 +241,18 @@ def generate_compressed(
     with compress_ctx(model, policy) as cache:
         if mode == QUESTION_AGNOSTIC:
             n = ctx_ids.shape[1]
-            model(full[:, :n], attention_mask=mask[:, :n], past_key_values=cache, use_cache=True, logits_to_keep=1)
+            model(
+                full[:, :n], attention_mask=mask[:, :n], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
+            )
             out["prefill_s"] = time.perf_counter() - t0
             out.update({f"{k}_after_context": v for k, v in cache_stats(cache, num_layers(model)).items()})
         seq = model.generate(
-            full, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=clock, **kwargs
+            full,
+            attention_mask=mask,
+            **cache_kwargs(model, cache),
+            max_new_tokens=max_new_tokens,
+            streamer=clock,
+            **kwargs,
         )
         t1 = time.perf_counter()
         out.update(cache_stats(cache, num_layers(model)))
@@ -301,7 +315,12 @@ def generate_compressed_batch(
     t0 = time.perf_counter()
     with compress_ctx(model, policy) as cache:
         seq = model.generate(
-            ids, attention_mask=mask, past_key_values=cache, max_new_tokens=max_new_tokens, streamer=clock, **kwargs
+            ids,
+            attention_mask=mask,
+            **cache_kwargs(model, cache),
+            max_new_tokens=max_new_tokens,
+            streamer=clock,
+            **kwargs,
         )
         t1 = time.perf_counter()
         n_layers = num_layers(model)

@@ -31,7 +31,7 @@ _CLASS: type | None = None
 def _build_class() -> type:
     from lm_eval.models.huggingface import HFLM
 
-    from crushkv.api import compress
+    from crushkv.api import cache_kwargs, compress
     from crushkv.policies import parse_policy
 
     class CrushKVLM(HFLM):
@@ -52,7 +52,7 @@ def _build_class() -> type:
 
         def _model_generate(self, context: Any, max_length: int, stop: list[str], **generation_kwargs: Any) -> Any:
             with compress(self.model, self.policy) as cache:
-                generation_kwargs["past_key_values"] = cache
+                generation_kwargs.update(cache_kwargs(self.model, cache))
                 return super()._model_generate(context, max_length, stop, **generation_kwargs)
 
     return CrushKVLM
