@@ -200,17 +200,28 @@ def _exact_prompt_pass(
     for i0, i1 in blocks:
         if i1 - i0 not in diagonal:
             diagonal[i1 - i0] = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)[:, None]
+    # CPU fp32: one logits buffer for all blocks, written by the product and normalised in place (a fresh 2 MB block
+    # per step costs page faults: 24-26 % of the extra time over SDPA at 4k/8k on SmolLM2 shapes)
+    in_place = grouped.device.type == "cpu" and grouped.dtype == torch.float32 and softcap is None
+    largest = max(r * g * i1 for r, i1 in ((i1 - i0, i1) for i0, i1 in blocks))
+    scratch = torch.empty(min(per_group, n) * largest, dtype=torch.float32, device=grouped.device) if in_place else None
     for n0 in range(0, n, per_group):
         m = min(per_group, n - n0)
         heads = slice(n0, n0 + m)
         for i0, i1 in blocks:
             r = i1 - i0
             block = rows_q[heads, i0:i1].reshape(m, r * g, d)
-            logits = torch.bmm(block, flat_keys[heads, :i1].transpose(1, 2)).float()
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
-            logits.view(m, r, g, i1)[..., i0:i1].masked_fill_(diagonal[r], float("-inf"))
-            probs = torch.softmax(logits, dim=-1)
+            if scratch is not None:
+                probs = scratch[: m * r * g * i1].view(m, r * g, i1)
+                torch.bmm(block, flat_keys[heads, :i1].transpose(1, 2), out=probs)
+                probs.view(m, r, g, i1)[..., i0:i1].masked_fill_(diagonal[r], float("-inf"))
+                torch.ops.aten._softmax.out(probs, -1, False, out=probs)
+            else:
+                logits = torch.bmm(block, flat_keys[heads, :i1].transpose(1, 2)).float()
+                if softcap is not None:
+                    logits = torch.tanh(logits / softcap) * softcap
+                logits.view(m, r, g, i1)[..., i0:i1].masked_fill_(diagonal[r], float("-inf"))
+                probs = torch.softmax(logits, dim=-1)
             mixed = torch.bmm(probs.to(values.dtype), flat_values[heads, :i1])
             if m == 1:
                 bi, h = divmod(n0, hk)
