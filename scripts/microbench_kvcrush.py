@@ -1,7 +1,9 @@
 """Micro-benchmark of one KVCrush token selection (host top-k, signatures, anchor, Hamming, buckets, indices).
 
-Times ``KVCrush.select`` at the two shapes a generation with ``interval=auto`` produces: the prompt-time cut of one
-layer (``[1, Hk, L]``) and a batched decode-time cut of all layers at once (``[layers, Hk, budget + interval]``).
+Times ``KVCrush.select`` at the shapes a generation with ``interval=auto`` produces: the prompt-time cut of one layer
+(``[1, Hk, L]``, what ``defer_bytes=0`` runs), of the layers the default prompt batching cuts together (as many as
+fit ``DEFER_MAX_BYTES`` of uncompressed fp32 K/V), and a batched decode-time cut of all layers at once
+(``[layers, Hk, budget + interval]``); the last column is the time per layer.
 Scores are heavy-tailed random values (like accumulated attention). ``--against REV`` also times the selection with
 ``crush.py``/``selection.py`` as of a git revision, in the same interleaved rounds (A/B); a matmul runs between calls
 so caches and threads are as busy as inside a generation. Shapes default to SmolLM2-135M (30 layers, 9 query heads,
@@ -21,6 +23,7 @@ from revision import module_at
 
 import crushkv.policies.kvcrush as kvcrush_module
 from crushkv.bench.commands import parse_lengths
+from crushkv.layer_stack import DEFER_MAX_BYTES
 from crushkv.policies import parse_policy
 
 
@@ -30,6 +33,7 @@ def main() -> None:
     p.add_argument("--layers", type=int, default=30)
     p.add_argument("--heads", type=int, default=9)
     p.add_argument("--kv-heads", type=int, default=3)
+    p.add_argument("--head-dim", type=int, default=64, help="sizes the prompt batch (K/V bytes per layer)")
     p.add_argument("--policy", default="h2o+kvcrush:budget=0.25,crush=0.25,anchor=mean,interval=auto")
     p.add_argument("--rounds", type=int, default=200)
     p.add_argument("--threads", type=int, default=2)
@@ -42,16 +46,20 @@ def main() -> None:
         variants[args.against] = load_revision(args.against)
     print(f"torch {torch.__version__}, {args.threads} thread(s), {args.policy}, {args.rounds} interleaved rounds")
     names = list(variants)
-    print("| length | cut | shape | " + " | ".join(f"{n} us (median)" for n in names) + " |")
-    print("|---:|---|---|" + "---:|" * len(names))
+    print("| length | cut | shape | " + " | ".join(f"{n} us (median)" for n in names) + " | us per layer |")
+    print("|---:|---|---|" + "---:|" * len(names) + "---:|")
     busy = torch.randn(256, 256)
     for length in parse_lengths(args.lengths):
         budget = policy.host.budget_for(SimpleNamespace(context_length=length))
         interval = policy.interval_for(budget)
+        together = max(1, min(args.layers, DEFER_MAX_BYTES // (2 * args.kv_heads * length * args.head_dim * 4)))
         for cut, batch, slots in (
             ("prompt, one layer", 1, length),
+            (f"prompt, {together} layers together", together, length),
             ("decode, all layers", args.layers, budget + interval),
         ):
+            if cut.startswith("prompt, 1 layers"):
+                continue
             layer = stand_in_layer(batch, args.kv_heads, args.heads // args.kv_heads, slots, length)
             times = {name: [] for name in names}
             for _ in range(args.rounds):
@@ -62,7 +70,8 @@ def main() -> None:
                         policy.select(layer, budget)
                         times[name].append((time.perf_counter() - start) * 1e6)
             cells = " | ".join(f"{statistics.median(times[n]):.0f}" for n in names)
-            print(f"| {length} | {cut} | {batch}x{args.kv_heads}x{slots} | {cells} |")
+            per_layer = statistics.median(times[names[0]]) / batch
+            print(f"| {length} | {cut} | {batch}x{args.kv_heads}x{slots} | {cells} | {per_layer:.0f} |")
 
 
 def stand_in_layer(batch: int, kv_heads: int, group: int, slots: int, context: int) -> SimpleNamespace:
