@@ -38,8 +38,11 @@ def main() -> None:
     lengths = parse_lengths(args.lengths)
     ids = prompt_ids(tokenizer, max(lengths))
     print(f"{args.model}, torch {torch.__version__}, {args.threads} threads, {args.policy}, {args.rounds} rounds")
-    print("| length | variant | full attention s | policy attention s | extra s (median) | % of prefill (median) |")
-    print("|---:|---|---:|---:|---:|---:|")
+    print(
+        "| length | variant | full attention s | policy attention s | extra s (median) | extra s (min–max) "
+        "| % of prefill (median) |"
+    )
+    print("|---:|---|---:|---:|---:|---:|---:|")
     for length in lengths:
         prompt = ids[:, :length]
         rows = {name: {"full": [], "policy": [], "extra": [], "pct": []} for name in variants}
@@ -57,7 +60,8 @@ def main() -> None:
                     rows[name][key].append(value)
         for name, r in rows.items():
             full_s, policy_s, extra, pct = (statistics.median(r[k]) for k in ("full", "policy", "extra", "pct"))
-            print(f"| {length} | {name} | {full_s:.3f} | {policy_s:.3f} | {extra:+.3f} | {pct:.1f} |")
+            spread = f"{min(r['extra']):+.3f} – {max(r['extra']):+.3f}"
+            print(f"| {length} | {name} | {full_s:.3f} | {policy_s:.3f} | {extra:+.3f} | {spread} | {pct:.1f} |")
 
 
 @contextmanager
