@@ -102,3 +102,18 @@ def test_strided_statistics(monkeypatch: pytest.MonkeyPatch, fused: bool, stride
     torch.testing.assert_close(stats.colsum.sum(-1).double(), total, atol=1e-3, rtol=1e-6)
     rel = (stats.colsum.double() - ref_colsum).abs().sum() / ref_colsum.abs().sum()
     assert 0 < rel < 0.35, rel  # an estimate, not the exact sums
+
+
+def test_exact_prompt_pass_under_autograd_matches_inference() -> None:
+    """With inputs that require grad the pass keeps autograd-safe ops (no ``out=`` buffers) and gives the same
+    output and statistics as in inference mode; the output can be differentiated."""
+    query, keys, values = _inputs(64)
+    request = StatsRequest(rows=ALL_ROWS)
+    with torch.no_grad():
+        want_out, want = _run(query, keys, values, request)
+    query.requires_grad_(True)
+    out, stats = _run(query, keys, values, request)
+    out.sum().backward()
+    assert query.grad is not None and torch.isfinite(query.grad).all()
+    torch.testing.assert_close(out.detach(), want_out, atol=1e-6, rtol=1e-6)
+    torch.testing.assert_close(stats.colsum.detach(), want.colsum, atol=1e-6, rtol=1e-6)

@@ -200,9 +200,10 @@ def _exact_prompt_pass(
     for i0, i1 in blocks:
         if i1 - i0 not in diagonal:
             diagonal[i1 - i0] = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)[:, None]
-    # CPU fp32: one logits buffer for all blocks, written by the product and normalised in place (a fresh 2 MB block
-    # per step costs page faults: 24-26 % of the extra time over SDPA at 4k/8k on SmolLM2 shapes)
-    in_place = grouped.device.type == "cpu" and grouped.dtype == torch.float32 and softcap is None
+    # CPU fp32 without autograd: one logits buffer for all blocks, written by the product and normalised in place
+    # (fresh 2 MB blocks: 24-26 % more extra time over SDPA at 4k/8k in the one-layer micro-benchmark)
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (grouped, keys, values))
+    in_place = grouped.device.type == "cpu" and grouped.dtype == torch.float32 and softcap is None and not tracked
     largest = max(r * g * i1 for r, i1 in ((i1 - i0, i1) for i0, i1 in blocks))
     scratch = torch.empty(min(per_group, n) * largest, dtype=torch.float32, device=grouped.device) if in_place else None
     for n0 in range(0, n, per_group):
