@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 
+from crushkv.api import cache_kwargs
 from crushkv.cache import CompressedLayer
 
 ORACLE = "crushkv_oracle"
@@ -48,7 +49,7 @@ def generate_recorded(model, cache, ids, mask, new_tokens: int, **kwargs):
     out = model.generate(
         ids,
         attention_mask=mask,
-        past_key_values=cache,
+        **cache_kwargs(model, cache),
         max_new_tokens=new_tokens,
         min_new_tokens=new_tokens,
         output_logits=True,

@@ -31,7 +31,7 @@ def test_large_budget_matches_uncompressed(arch_model, spec):
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     reference = _generate(model, ids, mask)
     with crushkv.compress(model, spec) as cache:
-        result = _generate(model, ids, mask, past_key_values=cache)
+        result = _generate(model, ids, mask, **crushkv.cache_kwargs(model, cache))
     assert torch.equal(result.sequences, reference.sequences)
     for got, want in zip(result.logits, reference.logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
@@ -46,7 +46,7 @@ def test_ratio_budget_of_one_keeps_everything(arch_model):
     ids, mask = batch_inputs()
     reference = _generate(model, ids, mask)
     with crushkv.compress(model, "h2o+kvcrush:budget=1.0,crush=0.25,sink=2,recent=4,phase=prefill") as cache:
-        result = _generate(model, ids, mask, past_key_values=cache)
+        result = _generate(model, ids, mask, **crushkv.cache_kwargs(model, cache))
     for got, want in zip(result.logits, reference.logits, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
 

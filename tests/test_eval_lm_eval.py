@@ -54,7 +54,7 @@ def test_crushkv_model_on_local_task(tmp_path: Path, monkeypatch: pytest.MonkeyP
     generate = lm.model.generate
 
     def spy(*args, **kwargs):  # type: ignore[no-untyped-def]
-        seen.append(type(kwargs.get("past_key_values")).__name__)
+        seen.append(type(kwargs.get("cache", kwargs.get("past_key_values"))).__name__)
         return generate(*args, **kwargs)
 
     monkeypatch.setattr(lm.model, "generate", spy)

@@ -95,11 +95,11 @@ def test_attention_function_takes_dropout_positionally_like_transformers(arch_mo
     ids, mask = batch_inputs(length=40)
     spec = "h2o:budget=16,sink=2,recent=4,phase=prefill"
     with crushkv.compress(model, spec) as cache:
-        want = model(ids, attention_mask=mask, past_key_values=cache).logits
+        want = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache)).logits
     with crushkv.compress(model, spec) as cache:
         AttentionInterface.register(attention.NAME, kvpress_style)
         try:
-            got = model(ids, attention_mask=mask, past_key_values=cache).logits
+            got = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache)).logits
         finally:
             attention.register()
         assert cache.kept_positions(cache.compressed_layers[0]).shape[-1] == 16

@@ -76,7 +76,7 @@ def _prompt_groups(model, spec: str, defer_bytes: int, monkeypatch) -> tuple[lis
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     with torch.no_grad(), crushkv.compress(model, spec) as cache:
         cache.defer_bytes = defer_bytes
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
         assert not cache.pending
         assert all(cache.kept_tokens()[i] == 12 for i in cache.compressed_layers)
         one = next(layer for layer in cache.layers if isinstance(layer, CompressedLayer))
@@ -113,11 +113,11 @@ def test_cache_is_at_budget_after_every_decode_step(arch_model):
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     with torch.no_grad(), crushkv.compress(model, "h2o+kvcrush:budget=12,sink=2,recent=4,crush=4") as cache:
-        out = model(ids, attention_mask=mask, past_key_values=cache)
+        out = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
         for _ in range(5):
             token = out.logits[:, -1:].argmax(-1)
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=-1)
-            out = model(token, attention_mask=mask, past_key_values=cache)
+            out = model(token, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
             assert not cache.pending
             assert {cache.kept_tokens()[i] for i in cache.compressed_layers} == {12}
 
@@ -127,7 +127,7 @@ def test_stack_exposes_only_layer_agnostic_fields(arch_model):
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     with torch.no_grad(), crushkv.compress(model, "h2o:budget=64,sink=2,recent=4") as cache:
-        model(ids, attention_mask=mask, past_key_values=cache)
+        model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
         layers = [cache.layers[i] for i in cache.compressed_layers]
         stack = LayerStack(layers)
         assert stack.valid.shape[0] == 2 * len(layers)

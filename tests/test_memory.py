@@ -33,12 +33,12 @@ def test_storage_shrinks_at_every_step(arch_model, spec):
     _, model = arch_model
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(0))
     with torch.no_grad(), crushkv.compress(model, spec) as cache:
-        out = model(ids, past_key_values=cache)
+        out = model(ids, **crushkv.cache_kwargs(model, cache))
         _check_layers(cache, PROMPT)
         assert all(cache.kept_tokens()[i] == BUDGET for i in cache.compressed_layers)
         token = out.logits[:, -1:].argmax(-1)
         for step in range(1, 6):
-            out = model(token, past_key_values=cache)
+            out = model(token, **crushkv.cache_kwargs(model, cache))
             token = out.logits[:, -1:].argmax(-1)
             _check_layers(cache, PROMPT + step)
         assert cache.nbytes() < cache.full_nbytes()
@@ -49,9 +49,9 @@ def test_full_nbytes_matches_a_dynamic_cache(arch_model):
     ids = torch.randint(1, 90, (2, 40), generator=torch.Generator().manual_seed(1))
     reference = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=reference)
+        model(ids, **crushkv.cache_kwargs(model, reference))
         with crushkv.compress(model, "full") as cache:
-            model(ids, past_key_values=cache)
+            model(ids, **crushkv.cache_kwargs(model, cache))
     logical = sum((layer.keys.numel() + layer.values.numel()) * layer.keys.element_size() for layer in reference.layers)
     storage = sum(_storage(layer.keys) + _storage(layer.values) for layer in reference.layers)
     assert cache.full_nbytes() == logical
@@ -64,7 +64,7 @@ def test_mask_sizes_accept_count_or_cache_position(arch_model):
     _, model = arch_model
     ids = torch.randint(1, 90, (1, PROMPT), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), crushkv.compress(model, f"snapkv:budget={BUDGET},window=8") as cache:
-        model(ids, past_key_values=cache)
+        model(ids, **crushkv.cache_kwargs(model, cache))
         for i in cache.compressed_layers:
             layer = cache.layers[i]
             assert layer.get_mask_sizes(torch.arange(PROMPT, PROMPT + 3)) == layer.get_mask_sizes(3)

@@ -49,7 +49,7 @@ def test_snapkv_kvcrush_quarter_budget_on_4k_needle(smol):
     ids, code = _needle_prompt(tokenizer)
     assert 3500 <= ids.shape[1] <= 4400
     with torch.no_grad(), crushkv.compress(model, "snapkv+kvcrush:budget=0.25,crush=0.25,anchor=mean") as cache:
-        out = model.generate(ids, past_key_values=cache, max_new_tokens=12, do_sample=False)
+        out = model.generate(ids, **crushkv.cache_kwargs(model, cache), max_new_tokens=12, do_sample=False)
         answer = tokenizer.decode(out[0, ids.shape[1] :], skip_special_tokens=True)
         budget = round(0.25 * ids.shape[1])
         assert all(cache.kept_tokens()[i] == budget for i in cache.compressed_layers)

@@ -92,7 +92,7 @@ def test_ratio_too_small_for_context_fails_at_run_time(arch_model):
         pytest.raises(ValueError, match="fewer than the"),
         crushkv.compress(model, "h2o:budget=0.1,sink=4,recent=8") as c,
     ):
-        model(ids, past_key_values=c)
+        model(ids, **crushkv.cache_kwargs(model, c))
 
 
 def test_cache_outside_its_context_is_an_error(arch_model):
@@ -102,4 +102,4 @@ def test_cache_outside_its_context_is_an_error(arch_model):
     with crushkv.compress(model, "h2o:budget=16,sink=2,recent=4") as cache:
         pass
     with pytest.raises(RuntimeError, match="only valid inside"):
-        model(torch.randint(1, 90, (1, 8)), past_key_values=cache)
+        model(torch.randint(1, 90, (1, 8)), **crushkv.cache_kwargs(model, cache))
