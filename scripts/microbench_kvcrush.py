@@ -53,13 +53,11 @@ def main() -> None:
         budget = policy.host.budget_for(SimpleNamespace(context_length=length))
         interval = policy.interval_for(budget)
         together = max(1, min(args.layers, DEFER_MAX_BYTES // (2 * args.kv_heads * length * args.head_dim * 4)))
-        for cut, batch, slots in (
-            ("prompt, one layer", 1, length),
-            (f"prompt, {together} layers together", together, length),
-            ("decode, all layers", args.layers, budget + interval),
-        ):
-            if cut.startswith("prompt, 1 layers"):
-                continue
+        cuts = [("prompt, one layer", 1, length)]
+        if together > 1:
+            cuts.append((f"prompt, {together} layers together", together, length))
+        cuts.append(("decode, all layers", args.layers, budget + interval))
+        for cut, batch, slots in cuts:
             layer = stand_in_layer(batch, args.kv_heads, args.heads // args.kv_heads, slots, length)
             times = {name: [] for name in names}
             for _ in range(args.rounds):

@@ -71,9 +71,10 @@ def timed_generation(
     policy = parse_policy(policy)
     device = input_ids.device
     with PROFILER.recording() if profile else nullcontext() as prof, compress(model, policy, defer_bytes) as cache:
+        cached = cache_kwargs(model, cache)
         _sync(device)
         start = time.perf_counter()
-        out = model(input_ids, **cache_kwargs(model, cache), logits_to_keep=1)
+        out = model(input_ids, **cached, logits_to_keep=1)
         token = out.logits[:, -1:].argmax(-1)
         _sync(device)
         prefill = time.perf_counter() - start
@@ -82,7 +83,7 @@ def timed_generation(
         trace = [cache.nbytes()]
         start = time.perf_counter()
         for _ in range(new_tokens - 1):
-            out = model(token, **cache_kwargs(model, cache))
+            out = model(token, **cached)
             token = out.logits[:, -1:].argmax(-1)
             generated.append(int(token))
             trace.append(cache.nbytes())

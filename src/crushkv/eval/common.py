@@ -239,17 +239,16 @@ def generate_compressed(
     out: dict[str, Any] = {"context_tokens": ctx_ids.shape[1], "prompt_tokens": full.shape[1]}
     t0 = time.perf_counter()
     with compress_ctx(model, policy) as cache:
+        cached = cache_kwargs(model, cache)
         if mode == QUESTION_AGNOSTIC:
             n = ctx_ids.shape[1]
-            model(
-                full[:, :n], attention_mask=mask[:, :n], **cache_kwargs(model, cache), use_cache=True, logits_to_keep=1
-            )
+            model(full[:, :n], attention_mask=mask[:, :n], **cached, use_cache=True, logits_to_keep=1)
             out["prefill_s"] = time.perf_counter() - t0
             out.update({f"{k}_after_context": v for k, v in cache_stats(cache, num_layers(model)).items()})
         seq = model.generate(
             full,
             attention_mask=mask,
-            **cache_kwargs(model, cache),
+            **cached,
             max_new_tokens=max_new_tokens,
             streamer=clock,
             **kwargs,

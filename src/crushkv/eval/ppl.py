@@ -81,17 +81,18 @@ class PPLTask(Task):
         nll, count = 0.0, 0
         t0 = time.perf_counter()
         with compress_ctx(model, policy) as cache:
+            cached = cache_kwargs(model, cache)
             pos = 0
             if self.prefill > 0:  # one forward over the first tokens; its logits predict tokens 1..prefill
                 n = min(self.prefill, total - 1)
-                logits = model(ids[:, :n], **cache_kwargs(model, cache), use_cache=True).logits
+                logits = model(ids[:, :n], **cached, use_cache=True).logits
                 nll += F.cross_entropy(logits[0].float(), ids[0, 1 : n + 1], reduction="sum").item()
                 count += n
                 pos = n
             steps = range(pos, total - 1, self.chunk)
             for start in tqdm(steps, desc=f"{example.id} tokens", leave=False, disable=not self.progress):
                 end = min(start + self.chunk, total - 1)
-                logits = model(ids[:, start:end], **cache_kwargs(model, cache), use_cache=True).logits
+                logits = model(ids[:, start:end], **cached, use_cache=True).logits
                 target = ids[0, start + 1 : end + 1]
                 nll += F.cross_entropy(logits[0].float(), target, reduction="sum").item()
                 count += int(target.shape[0])
