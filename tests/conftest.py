@@ -83,3 +83,19 @@ def batch_inputs(batch: int = 2, length: int = 24, pad: int = 5, seed: int = 0) 
         ids[row, :pad] = 0
         mask[row, :pad] = 0
     return ids, mask
+
+
+@pytest.fixture(scope="session")
+def compiled_kernel():
+    """``torch.ops.crushkv.exact_prompt``: built here when a C++ compiler exists (a failed build fails the test),
+    skipped only without a compiler or with ``CRUSHKV_KERNELS=off``."""
+    from crushkv import kernels
+
+    if kernels.mode() == "off":
+        pytest.skip("CRUSHKV_KERNELS=off")
+    if kernels.compiler() is None:
+        pytest.skip("no C++ compiler: the compiled kernel cannot be built here")
+    state = kernels.load()
+    if state.op is None:
+        pytest.fail(f"the compiled kernel did not build: {state.error}")
+    return state.op

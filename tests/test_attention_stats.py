@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import crushkv.attention_math as am
+from crushkv import kernels
 from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, StatsRequest
 
 B, HK, G, D = 2, 2, 3, 16
@@ -37,13 +40,21 @@ def _run(query, keys, values, request, visible=None):
     return am.attend(query, keys, values, visible, visible is None, row_valid, D**-0.5, None, request)
 
 
-@pytest.mark.parametrize("batched", [False, True], ids=["head-by-head", "heads-batched"])
+@pytest.mark.parametrize(
+    "path", ["ops-head-by-head", "ops-heads-batched", "compiled"], ids=["head-by-head", "heads-batched", "compiled"]
+)
 @pytest.mark.parametrize("block", [1 << 21, 600], ids=["one-block", "many-blocks"])
-def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int, batched: bool) -> None:
+def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int, path: str, compiled_kernel) -> None:
+    """The exact prompt pass (PyTorch ops head by head, batched like on GPU, or the compiled kernel) against fp64."""
     monkeypatch.setattr(am, "STATS_BLOCK_ELEMENTS", block)
     monkeypatch.setattr(am, "HEAD_BLOCK_ELEMENTS", block)
-    if batched:  # the GPU layout: every (batch row, KV head) in one matmul per row block
+    if path == "ops-heads-batched":  # the GPU layout: every (batch row, KV head) in one matmul per row block
         monkeypatch.setattr(am, "heads_per_matmul", lambda device, heads: heads)
+    calls = []
+    if path == "compiled":
+        monkeypatch.setattr(kernels, "exact_prompt", lambda: lambda *a: calls.append(a[3]) or compiled_kernel(*a))
+    else:
+        monkeypatch.setattr(kernels, "exact_prompt", lambda: None)
 
     def no_second_pass(*args):
         raise AssertionError("exact statistics must come from the output's own probability blocks (one QK^T)")
@@ -57,6 +68,7 @@ def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int, ba
     torch.testing.assert_close(stats.last.double(), ref_last, atol=1e-6, rtol=1e-5)
     expected_count = (157 - torch.arange(157)).float().expand(B, HK, 157)
     assert torch.equal(stats.count, expected_count)
+    assert calls == ([block] if path == "compiled" else [])
 
 
 @pytest.mark.parametrize("stride", [1, 3], ids=["exact", "strided-fused-lse"])
@@ -104,12 +116,13 @@ def test_strided_statistics(monkeypatch: pytest.MonkeyPatch, fused: bool, stride
     assert 0 < rel < 0.35, rel  # an estimate, not the exact sums
 
 
-def test_exact_prompt_pass_under_autograd_matches_inference() -> None:
-    """With inputs that require grad the pass keeps autograd-safe ops (no ``out=`` buffers) and gives the same
-    output and statistics as in inference mode; the output can be differentiated."""
+@pytest.mark.parametrize("inference", ["ops", "compiled"])
+def test_exact_prompt_pass_under_autograd_matches_inference(inference: str, compiled_kernel) -> None:
+    """With inputs that require grad the pass keeps autograd-safe ops (no ``out=`` buffers, no compiled kernel) and
+    gives the same output and statistics as in inference mode; the output can be differentiated."""
     query, keys, values = _inputs(64)
     request = StatsRequest(rows=ALL_ROWS)
-    with torch.no_grad():
+    with torch.no_grad(), (kernels.disabled() if inference == "ops" else contextlib.nullcontext()):
         want_out, want = _run(query, keys, values, request)
     query.requires_grad_(True)
     out, stats = _run(query, keys, values, request)

@@ -12,6 +12,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from crushkv import kernels
 from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, Stats, StatsRequest
 
 #: probabilities materialised per chunk of the generic pass (elements); 2M floats = 8 MB, cache-friendly
@@ -188,10 +189,23 @@ def _exact_prompt_pass(
     heads with 4x larger blocks). Elsewhere all heads go in one batched matmul per row block.
     """
     b, hk, g, q, d = grouped.shape
-    n = b * hk
+    n, dv = b * hk, values.shape[-1]
     rows_q = grouped.reshape(n, g, q, d).transpose(1, 2).contiguous()  # read only: may alias ``grouped`` (G = 1)
-    flat_keys, flat_values = keys.reshape(n, q, d) * scaling, values.reshape(n, q, d)  # scaled keys: G x smaller
-    out = torch.empty(b, q, hk, g, d, dtype=grouped.dtype, device=grouped.device)
+    flat_keys, flat_values = keys.reshape(n, q, d) * scaling, values.reshape(n, q, -1)  # scaled keys: G x smaller
+    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (grouped, keys, values))
+    fused = _fused_kernel(grouped, values, softcap, tracked)
+    if fused is not None:  # the same pass in one compiled op, blocks spread over the threads (crushkv.kernels)
+        out, colsum, last = fused(
+            rows_q.view(b, hk, q, g, d),
+            flat_keys.view(b, hk, q, d),
+            flat_values.contiguous().view(b, hk, q, dv),
+            HEAD_BLOCK_ELEMENTS,
+            request.last,
+        )
+        counts = _prompt_counts(b, hk, q, grouped.device)
+        stats = Stats(colsum=colsum, count=counts, last=last if request.last else None)
+        return out.view(b, q, hk * g, -1), stats
+    out = torch.empty(b, q, hk, g, dv, dtype=grouped.dtype, device=grouped.device)
     colsum = torch.zeros(n, g, q, dtype=torch.float32, device=grouped.device)
     last = torch.empty(n, g, q, dtype=torch.float32, device=grouped.device) if request.last else None
     per_group = heads_per_matmul(grouped.device, n)
@@ -202,7 +216,6 @@ def _exact_prompt_pass(
             diagonal[i1 - i0] = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)[:, None]
     # CPU fp32 without autograd: one logits buffer for all blocks, written by the product and normalised in place
     # (fresh 2 MB blocks: 24-26 % more extra time over SDPA at 4k/8k in the one-layer micro-benchmark)
-    tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (grouped, keys, values))
     in_place = grouped.device.type == "cpu" and grouped.dtype == torch.float32 and softcap is None and not tracked
     largest = max((i1 - i0) * g * i1 for i0, i1 in blocks)
     scratch = torch.empty(min(per_group, n) * largest, dtype=torch.float32, device=grouped.device) if in_place else None
@@ -224,9 +237,9 @@ def _exact_prompt_pass(
             mixed = torch.bmm(probs.to(values.dtype), flat_values[heads, :i1])
             if m == 1:
                 bi, h = divmod(n0, hk)
-                out[bi, i0:i1, h] = mixed.view(r, g, d)
+                out[bi, i0:i1, h] = mixed.view(r, g, dv)
             else:
-                out[:, i0:i1] = mixed.view(b, hk, r, g, d).transpose(1, 2)
+                out[:, i0:i1] = mixed.view(b, hk, r, g, dv).transpose(1, 2)
             per_row = probs.view(m, r, g, i1)
             colsum[heads, :, :i1] += per_row.sum(1)
             if last is not None and i1 == q:
@@ -236,7 +249,16 @@ def _exact_prompt_pass(
         count=_prompt_counts(b, hk, q, grouped.device),
         last=None if last is None else last.view(b, hk, g, q),
     )
-    return out.view(b, q, hk * g, d), stats
+    return out.view(b, q, hk * g, dv), stats
+
+
+def _fused_kernel(grouped: torch.Tensor, values: torch.Tensor, softcap: float | None, tracked: bool):
+    """The compiled exact prompt pass where it applies (CPU, fp32, no softcapping, no autograd), else ``None``."""
+    if grouped.device.type != "cpu" or grouped.dtype != torch.float32 or values.dtype != torch.float32:
+        return None
+    if softcap is not None or tracked:
+        return None
+    return kernels.exact_prompt()
 
 
 def heads_per_matmul(device: torch.device, heads: int) -> int:

@@ -1,0 +1,151 @@
+"""The compiled exact prompt kernel against the PyTorch-op pass, its input checks, and the loader's modes."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import crushkv.attention_math as am
+from crushkv import kernels
+from crushkv.policies.base import ALL_ROWS, StatsRequest
+
+SHAPES = [  # (B, Hk, G, q, d, dv)
+    (1, 1, 1, 1, 8, 8),
+    (1, 1, 1, 9, 8, 8),
+    (2, 2, 3, 37, 16, 16),
+    (1, 3, 3, 300, 64, 64),
+    (2, 1, 4, 129, 32, 48),
+]
+
+
+def _inputs(shape, seed: int = 0):
+    b, hk, g, q, d, dv = shape
+    gen = torch.Generator().manual_seed(seed)
+    grouped = torch.randn(b, hk, g, q, d, generator=gen) * 2.0
+    keys = torch.randn(b, hk, q, d, generator=gen)
+    values = torch.randn(b, hk, q, dv, generator=gen)
+    return grouped, keys, values
+
+
+def _reference(grouped, keys, values, scaling):
+    with kernels.disabled():
+        return am._exact_prompt_pass(grouped, keys, values, scaling, None, StatsRequest(rows=ALL_ROWS, last=True))
+
+
+@pytest.mark.parametrize("block", [64, 1 << 19], ids=["many-blocks", "default-blocks"])
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_kernel_matches_op_pass(shape, block: int, compiled_kernel) -> None:
+    b, hk, g, q, d, dv = shape
+    grouped, keys, values = _inputs(shape)
+    scaling = d**-0.5
+    want_out, want = _reference(grouped, keys, values, scaling)
+    rows = grouped.transpose(2, 3).contiguous()
+    out, colsum, last = compiled_kernel(rows, (keys * scaling).contiguous(), values, block, True)
+    assert out.shape == (b, q, hk, g, dv)
+    torch.testing.assert_close(out.view(b, q, hk * g, dv), want_out, atol=2e-6, rtol=1e-5)
+    torch.testing.assert_close(colsum, want.colsum, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(last, want.last, atol=1e-6, rtol=1e-5)
+    # every causal row is a distribution: the column sums of one head add up to the number of rows
+    torch.testing.assert_close(colsum.sum(-1), torch.full((b, hk, g), float(q)), atol=1e-3, rtol=1e-5)
+    _, _, none = compiled_kernel(rows, (keys * scaling).contiguous(), values, block, False)
+    assert none.numel() == 0
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_kernel_threads_agree(threads: int, compiled_kernel) -> None:
+    """Blocks handed out dynamically to any number of threads give the same result (sums up to rounding)."""
+    grouped, keys, values = _inputs((2, 3, 2, 257, 32, 32), seed=3)
+    rows, keys = grouped.transpose(2, 3).contiguous(), (keys * 32**-0.5).contiguous()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = compiled_kernel(rows, keys, values, 512, True)
+        torch.set_num_threads(threads)
+        got = compiled_kernel(rows, keys, values, 512, True)
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(got[0], want[0], atol=0, rtol=0)  # each block's output is computed by one thread
+    torch.testing.assert_close(got[1], want[1], atol=1e-5, rtol=1e-6)
+    torch.testing.assert_close(got[2], want[2], atol=0, rtol=0)
+
+
+def test_attend_uses_the_kernel(monkeypatch: pytest.MonkeyPatch, compiled_kernel) -> None:
+    """``attend`` on a CPU fp32 causal prompt with exact statistics goes through the kernel, and not under autograd,
+    for other dtypes or inside ``kernels.disabled()``."""
+    calls = []
+    monkeypatch.setattr(kernels, "exact_prompt", lambda: lambda *a: calls.append(1) or compiled_kernel(*a))
+    query = torch.randn(1, 4, 20, 8)
+    keys, values = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    run = lambda q, k, v: am.attend(
+        q, k, v, None, True, torch.ones(1, 20, dtype=torch.bool), 8**-0.5, None, StatsRequest(rows=ALL_ROWS)
+    )
+    run(query, keys, values)
+    assert calls == [1]
+    run(query.bfloat16(), keys.bfloat16(), values.bfloat16())
+    run(query.requires_grad_(True), keys, values)
+    assert calls == [1]
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (lambda q, k, v: (q.double(), k.double(), v.double()), "fp32 only"),
+        (lambda q, k, v: (q.transpose(-1, -2), k, v), "contiguous"),
+        (lambda q, k, v: (q, k[:, :, :-1].contiguous(), v), "keys must be"),
+        (lambda q, k, v: (q[0], k, v), "bad ranks"),
+    ],
+)
+def test_kernel_rejects_bad_input(change, message: str, compiled_kernel) -> None:
+    grouped, keys, values = _inputs((1, 2, 2, 16, 8, 8))
+    q, k, v = change(grouped.transpose(2, 3).contiguous(), keys, values)
+    with pytest.raises(RuntimeError, match=message):
+        compiled_kernel(q, k, v, 64, False)
+
+
+def test_disabled_context_and_invalid_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    with kernels.disabled(), kernels.disabled():
+        assert kernels.exact_prompt() is None
+    monkeypatch.setenv("CRUSHKV_KERNELS", "sometimes")
+    with pytest.raises(ValueError, match="CRUSHKV_KERNELS='sometimes'"):
+        kernels.mode()
+
+
+def test_off_mode_never_builds(tmp_path) -> None:
+    """``CRUSHKV_KERNELS=off``: nothing is compiled or loaded, the op path still gives exact statistics."""
+    code = (
+        "import torch, crushkv.kernels as k, crushkv.attention_math as am\n"
+        "from crushkv.policies.base import ALL_ROWS, StatsRequest\n"
+        "assert k.exact_prompt() is None and k.load().error.startswith('disabled')\n"
+        "q = torch.randn(1, 2, 12, 8); kv = torch.randn(1, 1, 12, 8)\n"
+        "_, s = am.attend(q, kv, kv, None, True, torch.ones(1, 12, dtype=torch.bool), 0.3, None,"
+        " StatsRequest(rows=ALL_ROWS))\n"
+        "assert torch.allclose(s.colsum.sum(-1), torch.full((1, 1, 2), 12.0))\n"
+        "assert not any((p / 'kernels').exists() for p in [__import__('pathlib').Path(r'" + str(tmp_path) + "')])\n"
+    )
+    env = {"CRUSHKV_KERNELS": "off", "CRUSHKV_CACHE": str(tmp_path), "PATH": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_missing_compiler_falls_back_with_a_warning(tmp_path) -> None:
+    """``auto`` without a compiler warns once and uses the op path; ``require`` makes it an error."""
+    code = (
+        "import warnings, crushkv.kernels as k\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    assert k.exact_prompt() is None and k.exact_prompt() is None\n"
+        "assert len(w) == 1 and 'no C++ compiler' in str(w[0].message), [str(x.message) for x in w]\n"
+    )
+    env = {"CRUSHKV_CACHE": str(tmp_path), "PATH": "", "CXX": ""}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    strict = subprocess.run(
+        [sys.executable, "-c", "import crushkv.kernels as k; k.exact_prompt()"],
+        env={**env, "CRUSHKV_KERNELS": "require"},
+        capture_output=True,
+        text=True,
+    )
+    assert strict.returncode != 0 and "no C++ compiler" in strict.stderr
