@@ -18,6 +18,7 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
 	$(BIN)/pip install -q -e ".[dev]"
+	$(BIN)/crushkv kernels || true  # optional compiled CPU kernel; without a compiler crushkv uses PyTorch ops
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,6 +35,7 @@ $(MIN_STAMP): pyproject.toml
 	$(MIN_VENV)/bin/pip install -q --upgrade pip
 	$(MIN_VENV)/bin/pip install -q torch==2.13.0
 	$(MIN_VENV)/bin/pip install -q -e ".[dev]" "transformers==5.2.0" "kvpress==0.5.5"
+	$(MIN_VENV)/bin/crushkv kernels || true
 	touch $(MIN_STAMP)
 
 test-min: $(MIN_STAMP)

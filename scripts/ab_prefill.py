@@ -4,7 +4,8 @@ default), with ``crushkv.attention_math`` as checked out and as of git revision(
 The micro-benchmark (``microbench_prompt_stats.py``) times one layer on random tensors; this one times what
 ``crushkv bench`` reports as *prefill scoring*: the profiler's ``attention`` seconds of the policy's prefill minus the
 full cache's, in the same round, over all layers of the model, as a share of the policy's prefill. Usage:
-``python scripts/ab_prefill.py --against REV [--against REV2] [--model smollm2-135m] [--lengths 4k] [--rounds 5]``.
+``python scripts/ab_prefill.py [--ops] [--against REV ...] [--model smollm2-135m] [--lengths 4k] [--rounds 5]``
+(``--ops``: the current code with the compiled kernel disabled as one more variant).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import torch
 from revision import module_at
 
 import crushkv.attention as attention_module
+from crushkv import kernels
 from crushkv.bench.commands import parse_lengths, prompt_ids
 from crushkv.bench.timing import timed_generation
 from crushkv.models import load_model
@@ -30,9 +32,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--against", action="append", default=[], help="git revision of attention_math.py (repeatable)")
+    p.add_argument("--ops", action="store_true", help="also the current code with the compiled kernel disabled")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     variants = {"current": attention_module.attend}
+    if args.ops:
+        variants["current, no kernel"] = without_kernels(attention_module.attend)
     variants.update({rev: module_at(rev, "attention_math").attend for rev in args.against})
     model, tokenizer = load_model(args.model, auto_pull=True)
     lengths = parse_lengths(args.lengths)
@@ -62,6 +67,16 @@ def main() -> None:
             full_s, policy_s, extra, pct = (statistics.median(r[k]) for k in ("full", "policy", "extra", "pct"))
             spread = f"{min(r['extra']):+.3f} – {max(r['extra']):+.3f}"
             print(f"| {length} | {name} | {full_s:.3f} | {policy_s:.3f} | {extra:+.3f} | {spread} | {pct:.1f} |")
+
+
+def without_kernels(attend):
+    """``attend`` on the PyTorch-op paths only (``crushkv.kernels.disabled()``)."""
+
+    def run(*args, **kwargs):
+        with kernels.disabled():
+            return attend(*args, **kwargs)
+
+    return run
 
 
 @contextmanager

@@ -122,7 +122,7 @@ def test_exact_prompt_pass_under_autograd_matches_inference(inference: str, comp
     gives the same output and statistics as in inference mode; the output can be differentiated."""
     query, keys, values = _inputs(64)
     request = StatsRequest(rows=ALL_ROWS)
-    with torch.no_grad(), (kernels.disabled() if inference == "ops" else contextlib.nullcontext()):
+    with torch.no_grad(), kernels.disabled() if inference == "ops" else contextlib.nullcontext():
         want_out, want = _run(query, keys, values, request)
     query.requires_grad_(True)
     out, stats = _run(query, keys, values, request)

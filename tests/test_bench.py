@@ -41,6 +41,13 @@ def report():
     return run_bench(model, ids, settings, progress=False)
 
 
+def test_report_names_the_cpu_kernels(report):
+    from crushkv import kernels
+
+    want = "exact_prompt (" if kernels.load().op is not None else "off ("
+    assert report["meta"]["cpu_kernels"].startswith(want)
+
+
 def test_cells_have_every_field(report):
     cells = report["cells"]
     assert len(cells) == len(LENGTHS) * 3

@@ -149,3 +149,13 @@ def test_missing_compiler_falls_back_with_a_warning(tmp_path) -> None:
         text=True,
     )
     assert strict.returncode != 0 and "no C++ compiler" in strict.stderr
+
+
+def test_cli_reports_the_kernel(capsys: pytest.CaptureFixture, monkeypatch: pytest.MonkeyPatch, compiled_kernel):
+    from crushkv.cli import main
+
+    assert main(["kernels", "--check"]) == 0
+    assert "kernels: exact_prompt (" in capsys.readouterr().out
+    monkeypatch.setenv("CRUSHKV_KERNELS", "never")
+    assert main(["kernels"]) == 2
+    assert "CRUSHKV_KERNELS='never'" in capsys.readouterr().err

@@ -12,6 +12,7 @@ SUBCOMMANDS: dict[str, str] = {
     "generate": "crushkv.commands.generate",
     "policies": "crushkv.commands.policies",
     "models": "crushkv.commands.models",
+    "kernels": "crushkv.commands.kernels",
     "eval": "crushkv.eval.commands",
     "sweep": "crushkv.eval.commands",
     "report": "crushkv.eval.commands",

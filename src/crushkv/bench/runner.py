@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from crushkv import kernels
 from crushkv.bench.fit import fit_exponent
 from crushkv.bench.memory import peak_memory
 from crushkv.bench.timing import GenerationRun, timed_generation
@@ -62,6 +63,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
             f"prompt has {prompt_ids.shape[1]} tokens, fewer than the longest length {max(settings.lengths)}"
         )
     device = prompt_ids.device
+    cpu_kernels = kernels.describe() if device.type == "cpu" else "n/a"  # a first build stays out of the timings
     env = environment(device)  # load average before the measurements
     if settings.warmup:  # first calls pay one-off costs (kernels, allocator growth): keep them out of the numbers
         warm = prompt_ids[:, : min(settings.lengths)]
@@ -96,6 +98,7 @@ def run_bench(model, prompt_ids: torch.Tensor, settings: BenchSettings, progress
             "new_tokens": settings.new_tokens,
             "repeats": settings.repeats,
             "defer_bytes": DEFER_MAX_BYTES if settings.defer_bytes is None else settings.defer_bytes,
+            "cpu_kernels": cpu_kernels,
         }
     }
     report["cells"] = cells

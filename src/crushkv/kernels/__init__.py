@@ -151,6 +151,14 @@ def exact_prompt() -> Callable | None:
     return load().op
 
 
+def describe() -> str:
+    """One line for reports: which compiled kernels this process uses (building them if needed)."""
+    if _DISABLED:
+        return "off (crushkv.kernels.disabled())"
+    state = load()
+    return f"exact_prompt ({state.path})" if state.op is not None else f"off ({state.error})"
+
+
 @contextlib.contextmanager
 def disabled() -> Iterator[None]:
     """Run the PyTorch-op paths inside this block (reference runs, A/B measurements)."""
