@@ -4,7 +4,8 @@
 // against keys [0, i1) into a thread-local buffer that stays in cache, turns each row into probabilities in
 // place (only the row's visible prefix: no masking pass), adds them into the thread's column sums, and multiplies
 // the block by the values. Tasks are handed out largest first from an atomic counter, so the causal triangle is
-// balanced over the threads; the per-thread column sums are added up at the end.
+// balanced over the threads. A block's column sums (G x i1, thread-local) are added to its head's under that head's
+// lock: extra memory is O(threads x G x L), whatever the batch and head count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/cpu/vec/vec.h>
@@ -14,6 +15,8 @@
 #include <atomic>
 #include <cmath>
 #include <cstring>
+#include <memory>
+#include <mutex>
 #include <tuple>
 #include <vector>
 
@@ -116,20 +119,19 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_prompt(const at::Tensor& qu
   for (const auto& t : tasks) widest = std::max(widest, (t.i1 - t.i0) * g * t.i1);
 
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
-  const int64_t per_thread = heads * g * q;
-  std::vector<float> partial(static_cast<size_t>(threads * per_thread), 0.0f);
+  std::unique_ptr<std::mutex[]> locks(new std::mutex[heads]);
   std::atomic<int64_t> next{0};
   const float* qp = query.data_ptr<float>();
   const float* kp = keys.data_ptr<float>();
   const float* vp = values.data_ptr<float>();
   float* op = out.data_ptr<float>();
   float* lp = want_last ? last.data_ptr<float>() : nullptr;
+  float* cp = colsum.data_ptr<float>();
   const int64_t ntasks = static_cast<int64_t>(tasks.size());
 
   at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    const int64_t slot = std::min<int64_t>(at::get_thread_num(), threads - 1);
-    float* acc = partial.data() + slot * per_thread;
     std::vector<float> scratch(static_cast<size_t>(widest));
+    std::vector<float> block_sum(static_cast<size_t>(g * q));
     std::vector<float> mixed;
     for (int64_t unused = begin; unused < end; ++unused) {
       for (int64_t k = next.fetch_add(1); k < ntasks; k = next.fetch_add(1)) {
@@ -141,9 +143,18 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_prompt(const at::Tensor& qu
         at::Tensor probs = at::from_blob(scratch.data(), {rows, width}, opts);
         at::mm_out(probs, at::from_blob(const_cast<float*>(qh), {rows, d}, opts),
                    at::from_blob(const_cast<float*>(kh), {width, d}, opts).t());
+        std::fill_n(block_sum.data(), g * width, 0.0f);
         for (int64_t row = 0; row < rows; ++row) {
           const int64_t pos = t.i0 + row / g, head = row % g;
-          softmax_accumulate(scratch.data() + row * width, pos + 1, width, acc + (t.head * g + head) * q);
+          softmax_accumulate(scratch.data() + row * width, pos + 1, width, block_sum.data() + head * width);
+        }
+        {
+          std::lock_guard<std::mutex> guard(locks[t.head]);
+          for (int64_t head = 0; head < g; ++head) {
+            float* dst = cp + (t.head * g + head) * q;
+            const float* src = block_sum.data() + head * width;
+            for (int64_t j = 0; j < width; ++j) dst[j] += src[j];
+          }
         }
         mixed.resize(static_cast<size_t>(rows * dv));
         at::Tensor mixed_t = at::from_blob(mixed.data(), {rows, dv}, opts);
@@ -164,11 +175,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_prompt(const at::Tensor& qu
     }
   });
 
-  float* cp = colsum.data_ptr<float>();
-  for (int64_t s = 0; s < threads; ++s) {
-    const float* src = partial.data() + s * per_thread;
-    for (int64_t i = 0; i < per_thread; ++i) cp[i] += src[i];
-  }
   return {out, colsum, last};
 }
 
