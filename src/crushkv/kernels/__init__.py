@@ -11,7 +11,6 @@ PyTorch ops. The build (~20 s, once per torch version) goes to ``<crushkv cache>
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
@@ -98,6 +97,8 @@ def build(verbose: bool = False) -> Path:
     library = target / "crushkv_kernels.so"
     if library.exists():
         return library
+    import fcntl  # POSIX only, like the build itself
+
     target.mkdir(parents=True, exist_ok=True)
     with open(target / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
