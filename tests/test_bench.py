@@ -186,3 +186,25 @@ def test_compress_rejects_a_negative_defer_bytes():
     model = tiny_llama()
     with pytest.raises(ValueError, match="defer_bytes"), crushkv.compress(model, "h2o:budget=64", defer_bytes=-1):
         pass
+
+
+def test_cuda_plumbing_synchronises_and_reads_allocator_peaks(monkeypatch):
+    """Without a GPU here: on a CUDA device the timers synchronise and peak memory comes from the allocator stats
+    (reset before the block, read after a synchronise), never from the process RSS."""
+    from crushkv.bench import memory, timing
+
+    calls = []
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda device=None: calls.append("sync"))
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda device=None: calls.append("reset"))
+    monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device=None: 100)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: calls.append("peak") or 1234)
+    monkeypatch.setattr(memory, "_status_kb", lambda field: pytest.fail("RSS read on a CUDA device"))
+    cuda = torch.device("cuda", 0)
+    with memory.peak_memory(cuda) as mem:
+        calls.append("work")
+    assert calls == ["sync", "reset", "work", "sync", "peak"]
+    assert (mem.kind, mem.base, mem.peak) == ("cuda_max_memory_allocated", 100, 1234)
+    calls.clear()
+    timing._sync(cuda)
+    timing._sync(torch.device("cpu"))
+    assert calls == ["sync"]
