@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 import subprocess
 import sys
 
@@ -184,3 +185,19 @@ def test_exact_pass_memory_is_not_quadratic(path: str, request: pytest.FixtureRe
     assert stats.colsum.shape == (1, 1, 1, q)
     grown = mem.peak - mem.base
     assert grown < 32 * 2**20, f"{path}: RSS peak grew by {grown / 2**20:.1f} MB (L x L fp32 = 64 MB)"
+
+
+def test_concurrent_first_loads_register_once(tmp_path, compiled_kernel) -> None:
+    """Threads racing to the first use, with an empty kernel cache: all get the op once it is built (none falls
+    back while another builds), and it is registered once (a second registration aborts the process)."""
+    code = (
+        "import threading, crushkv.kernels as k\n"
+        "seen = []\n"
+        "ts = [threading.Thread(target=lambda: seen.append(k.exact_prompt())) for _ in range(4)]\n"
+        "[t.start() for t in ts]; [t.join() for t in ts]\n"
+        "assert len(seen) == 4 and all(op is not None for op in seen), seen\n"
+    )
+    env = {**os.environ, "CRUSHKV_CACHE": str(tmp_path), "CRUSHKV_KERNELS": "auto"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stderr.count("compiling the fused CPU kernel") == 1, done.stderr[-2000:]

@@ -17,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import threading
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class KernelState:
 
 
 _STATE = KernelState()
+_LOAD_LOCK = threading.Lock()
 _DISABLED = 0  # nesting depth of ``disabled()``
 
 
@@ -121,10 +123,19 @@ def load() -> KernelState:
     """Build (if needed) and load once per process; failures are remembered, never retried."""
     if _STATE.attempted:
         return _STATE
-    _STATE.attempted = True
+    with _LOAD_LOCK:  # threads racing here would register the op twice, which aborts the process
+        if not _STATE.attempted:
+            try:
+                _load_once()
+            finally:  # set last: a concurrent caller never sees a half-done attempt
+                _STATE.attempted = True
+    return _STATE
+
+
+def _load_once() -> None:
     if mode() == "off":
         _STATE.error = "disabled by CRUSHKV_KERNELS=off"
-        return _STATE
+        return
     try:
         _STATE.path = build()
         if not _registered():  # a library loaded by hand earlier already defines the op: one definition only
@@ -134,8 +145,7 @@ def load() -> KernelState:
         _STATE.error = str(err)
         if mode() == "require":
             raise
-        warnings.warn(f"crushkv: fused CPU kernel unavailable, using the PyTorch-op path: {err}", stacklevel=2)
-    return _STATE
+        warnings.warn(f"crushkv: fused CPU kernel unavailable, using the PyTorch-op path: {err}", stacklevel=4)
 
 
 def _registered() -> bool:
