@@ -186,16 +186,19 @@ def _exact_prompt_pass(
     ``[r*G, d]`` matrix. On CPU one (batch row, KV head) runs at a time, so both products are plain matmuls with
     ``r*G`` rows that use every thread, and blocks of ~``HEAD_BLOCK_ELEMENTS`` probabilities stay in cache between
     the four steps (SmolLM2 shapes at 4k, 2 threads: +48 ms over SDPA per layer, against +95 ms batched over the KV
-    heads with 4x larger blocks). Elsewhere all heads go in one batched matmul per row block.
+    heads with 4x larger blocks). Elsewhere all heads go in one batched matmul per row block. On CPU in fp32 without
+    autograd the compiled ``crushkv.kernels.exact_prompt`` runs these same steps when it is available.
     """
     b, hk, g, q, d = grouped.shape
     n, dv = b * hk, values.shape[-1]
     rows_q = grouped.reshape(n, g, q, d).transpose(1, 2).contiguous()  # read only: may alias ``grouped`` (G = 1)
     flat_keys, flat_values = keys.reshape(n, q, d) * scaling, values.reshape(n, q, -1)  # scaled keys: G x smaller
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (grouped, keys, values))
-    fused = _fused_kernel(grouped, values, softcap, tracked)
-    if fused is not None:  # the same pass in one compiled op, blocks spread over the threads (crushkv.kernels)
-        out, colsum, last = fused(
+    plain_cpu = grouped.device.type == "cpu" and grouped.dtype == values.dtype == torch.float32
+    plain_cpu = plain_cpu and softcap is None and not tracked  # what both the compiled op and out= buffers need
+    compiled = kernels.exact_prompt() if plain_cpu else None
+    if compiled is not None:  # the same pass in one compiled op, blocks spread over the threads (crushkv.kernels)
+        out, colsum, last = compiled(
             rows_q.view(b, hk, q, g, d),
             flat_keys.view(b, hk, q, d),
             flat_values.contiguous().view(b, hk, q, dv),
@@ -204,7 +207,7 @@ def _exact_prompt_pass(
         )
         counts = _prompt_counts(b, hk, q, grouped.device)
         stats = Stats(colsum=colsum, count=counts, last=last if request.last else None)
-        return out.view(b, q, hk * g, -1), stats
+        return out.view(b, q, hk * g, dv), stats
     out = torch.empty(b, q, hk, g, dv, dtype=grouped.dtype, device=grouped.device)
     colsum = torch.zeros(n, g, q, dtype=torch.float32, device=grouped.device)
     last = torch.empty(n, g, q, dtype=torch.float32, device=grouped.device) if request.last else None
@@ -216,9 +219,8 @@ def _exact_prompt_pass(
             diagonal[i1 - i0] = torch.ones(i1 - i0, i1 - i0, dtype=torch.bool, device=grouped.device).triu(1)[:, None]
     # CPU fp32 without autograd: one logits buffer for all blocks, written by the product and normalised in place
     # (fresh 2 MB blocks: 24-26 % more extra time over SDPA at 4k/8k in the one-layer micro-benchmark)
-    in_place = grouped.device.type == "cpu" and grouped.dtype == torch.float32 and softcap is None and not tracked
-    largest = max((i1 - i0) * g * i1 for i0, i1 in blocks)
-    scratch = torch.empty(min(per_group, n) * largest, dtype=torch.float32, device=grouped.device) if in_place else None
+    largest = min(per_group, n) * max((i1 - i0) * g * i1 for i0, i1 in blocks)
+    scratch = torch.empty(largest, dtype=torch.float32, device=grouped.device) if plain_cpu else None
     for n0 in range(0, n, per_group):
         m = min(per_group, n - n0)
         heads = slice(n0, n0 + m)
@@ -250,15 +252,6 @@ def _exact_prompt_pass(
         last=None if last is None else last.view(b, hk, g, q),
     )
     return out.view(b, q, hk * g, dv), stats
-
-
-def _fused_kernel(grouped: torch.Tensor, values: torch.Tensor, softcap: float | None, tracked: bool):
-    """The compiled exact prompt pass where it applies (CPU, fp32, no softcapping, no autograd), else ``None``."""
-    if grouped.device.type != "cpu" or grouped.dtype != torch.float32 or values.dtype != torch.float32:
-        return None
-    if softcap is not None or tracked:
-        return None
-    return kernels.exact_prompt()
 
 
 def heads_per_matmul(device: torch.device, heads: int) -> int:

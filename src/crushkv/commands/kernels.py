@@ -22,6 +22,5 @@ def run(args: argparse.Namespace) -> int:
         return 2
     print(f"mode: {mode} (CRUSHKV_KERNELS=auto|off|require)")
     print(f"compiler: {kernels.compiler() or 'none found'}")
-    line = kernels.describe()
-    print(f"kernels: {line}")
+    print(f"kernels: {kernels.describe()}")
     return 1 if args.check and kernels.load().op is None else 0

@@ -88,7 +88,7 @@ def build_dir() -> Path:
     return cache_root() / "kernels" / f"torch{torch.__version__.split('+')[0]}-{tag.hexdigest()[:12]}"
 
 
-def build(verbose: bool = False) -> Path:
+def build() -> Path:
     """Compile the library unless it is already in the cache (a file lock keeps parallel processes from racing)."""
     cxx = compiler()
     if cxx is None:
@@ -110,9 +110,8 @@ def build(verbose: bool = False) -> Path:
         partial = target / f".crushkv_kernels.{os.getpid()}.so"
         cmd = [cxx, str(SOURCE), *_flags(), "-o", str(partial)]
         done = subprocess.run(cmd, capture_output=True, text=True)
-        if verbose or done.returncode:
-            sys.stderr.write(done.stderr[-4000:])
         if done.returncode:
+            sys.stderr.write(done.stderr[-4000:])
             partial.unlink(missing_ok=True)
             raise RuntimeError(f"kernel build failed ({cxx}, exit {done.returncode}); command: {' '.join(cmd)}")
         partial.replace(library)
@@ -133,7 +132,8 @@ def load() -> KernelState:
 
 
 def _load_once() -> None:
-    if mode() == "off":
+    wanted = mode()
+    if wanted == "off":
         _STATE.error = "disabled by CRUSHKV_KERNELS=off"
         return
     try:
@@ -143,7 +143,7 @@ def _load_once() -> None:
         _STATE.op = torch.ops.crushkv.exact_prompt
     except (RuntimeError, OSError) as err:
         _STATE.error = str(err)
-        if mode() == "require":
+        if wanted == "require":
             raise
         warnings.warn(f"crushkv: fused CPU kernel unavailable, using the PyTorch-op path: {err}", stacklevel=4)
 

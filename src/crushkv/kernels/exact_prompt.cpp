@@ -30,7 +30,8 @@ struct Task {
   int64_t i1;
 };
 
-// Row blocks of a causal triangle with rows * i1 ~ elements (at least 8 rows): tall near the top.
+// Row blocks of a causal triangle with rows * i1 ~ elements (at least 8 rows): tall near the top
+// (the blocks of crushkv.attention_math._row_blocks, so both paths cut the triangle alike).
 std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t q, int64_t elements) {
   std::vector<std::pair<int64_t, int64_t>> blocks;
   int64_t i0 = 0;
@@ -110,13 +111,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> exact_prompt(const at::Tensor& qu
   if (q == 0 || heads == 0) return {out, colsum, last};
 
   std::vector<Task> tasks;
-  for (const auto& [i0, i1] : row_blocks(q, std::max<int64_t>(1, block_elements / g)))
+  int64_t widest = 0;  // largest block, G * rows * i1 probabilities: each thread's scratch size
+  for (const auto& [i0, i1] : row_blocks(q, std::max<int64_t>(1, block_elements / g))) {
+    widest = std::max(widest, (i1 - i0) * g * i1);
     for (int64_t h = 0; h < heads; ++h) tasks.push_back({h, i0, i1});
+  }
   std::stable_sort(tasks.begin(), tasks.end(), [](const Task& x, const Task& y) {
     return (x.i1 - x.i0) * x.i1 > (y.i1 - y.i0) * y.i1;
   });
-  int64_t widest = 0;
-  for (const auto& t : tasks) widest = std::max(widest, (t.i1 - t.i0) * g * t.i1);
 
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks.size()));
   std::unique_ptr<std::mutex[]> locks(new std::mutex[heads]);
