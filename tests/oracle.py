@@ -12,7 +12,7 @@ import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 
 from crushkv.api import cache_kwargs
-from crushkv.cache import CompressedLayer
+from crushkv.layer import CompressedLayer
 
 ORACLE = "crushkv_oracle"
 _MASKS: dict[int, torch.Tensor] = {}
@@ -77,11 +77,14 @@ def oracle_masks(
         if isinstance(layer, CompressedLayer):
             for step in range(1, total - prompt + 1):
                 row = prompt + step - 1
-                kept = recorder.history[step - 1][idx]  # slots after the previous forward
-                allowed[:, :, row, :] = False
-                allowed[:, :, row, :].scatter_(-1, kept, True)
+                kept = recorder.history[step - 1][idx]  # positions held after the previous forward, -1 = none
+                seen = torch.zeros(batch, heads, total + 1, dtype=torch.bool)
+                seen.scatter_(-1, torch.where(kept >= 0, kept, total), True)
+                allowed[:, :, row, :] = seen[..., :total]
                 allowed[:, :, row, row] = True
             allowed &= valid[:, None, None, :]
+            if layer.window is not None:
+                allowed &= (i[:, None] - i[None, :] < layer.window)[None, None]
         else:
             window = layer.sliding_window
             allowed &= (i[:, None] - i[None, :] < window)[None, None]

@@ -1,10 +1,12 @@
-"""The parametrised policy matrix: every registered policy, alone and under KVCrush, built from the registry."""
+"""The parametrised policy matrix: every registered policy, alone, under KVCrush and under Ada-KV, on every store,
+built from the registries (a new policy or store is picked up without editing a list)."""
 
 from __future__ import annotations
 
 import dataclasses
 
 from crushkv.policies import REGISTRY
+from crushkv.stores import STORES
 
 #: KVCrush settings exercised on top of every host
 CRUSH_VARIANTS = (
@@ -12,27 +14,43 @@ CRUSH_VARIANTS = (
     "crush=0.34,anchor=mean,pick=ovg",
     "crush=4,anchor=alternate,granularity=block,block=2",
 )
+#: Ada-KV settings exercised on top of every per-head host (alone and under KVCrush)
+ADAKV_VARIANTS = ("floor=0.2", "floor=0.5,crush=4,anchor=mean")
+#: spec suffix per store (small pages, so tiny models use several per head; ``page`` is also the compaction
+#: granularity of both stores, so the two hold the same slots)
+STORE_OPTIONS = {"dense": "store=dense,page=4", "paged": "store=paged,page=4"}
+assert set(STORE_OPTIONS) == set(STORES), "a store without a matrix entry"
 
 
-def small_spec(name: str, budget: int | float, phase: str | None = None, crush: str | None = None) -> str:
+def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: str | None = None, extra=None) -> str:
     """A spec for tiny models: sink 2, recent 4 (window 4 where the policy has one)."""
     cls = REGISTRY[name]
     if not cls.compresses:
-        return name
+        return name if extra is None else f"{name}:{extra}"
     fields = {f.name for f in dataclasses.fields(cls)}
     parts = [f"budget={budget}", "sink=2", "recent=4"]
     if "window" in fields:
         parts.append("window=4")
     if phase:
         parts.append(f"phase={phase}")
-    head = f"{name}+kvcrush" if crush else name
-    return f"{head}:{','.join(parts)}" + (f",{crush}" if crush else "")
+    head = name
+    if wrap == "kvcrush":
+        head = f"{name}+kvcrush"
+    elif wrap is not None:  # an Ada-KV variant, under KVCrush when it names a crush share
+        head = f"{name}+adakv+kvcrush" if "crush=" in wrap else f"{name}+adakv"
+    options = [*parts, *([wrap] if wrap and wrap != "kvcrush" else []), *([extra] if extra else [])]
+    return f"{head}:{','.join(options)}"
 
 
-def all_specs(budget: int | float, phase: str | None = None) -> list[str]:
-    """Every host policy plus every host under each KVCrush variant."""
-    specs = [small_spec(name, budget, phase) for name in sorted(REGISTRY)]
+def all_specs(budget: int | float, phase: str | None = None, store: str | None = None) -> list[str]:
+    """Every host policy, every host under each KVCrush variant, every per-head host under each Ada-KV variant."""
+    extra = STORE_OPTIONS[store] if store else None
+    specs = [small_spec(name, budget, phase, extra=extra) for name in sorted(REGISTRY)]
     for name in sorted(REGISTRY):
-        if REGISTRY[name].compresses:
-            specs += [small_spec(name, budget, phase, crush) for crush in CRUSH_VARIANTS]
+        cls = REGISTRY[name]
+        if not cls.compresses:
+            continue
+        specs += [f"{small_spec(name, budget, phase, 'kvcrush', extra)},{crush}" for crush in CRUSH_VARIANTS]
+        if not cls.shared:
+            specs += [small_spec(name, budget, phase, variant, extra) for variant in ADAKV_VARIANTS]
     return specs

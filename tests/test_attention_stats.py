@@ -9,7 +9,7 @@ import torch
 
 import crushkv.attention_math as am
 from crushkv import kernels
-from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, StatsRequest
+from crushkv.stats import ALL_ROWS, TAIL_ROWS, StatsRequest
 
 B, HK, G, D = 2, 2, 3, 16
 
@@ -34,10 +34,16 @@ def _naive(query, keys, values, scaling):
     return out, grouped.sum(-2), grouped[..., -1, :]
 
 
-def _run(query, keys, values, request, visible=None):
+def _visibility(q: int, plain: bool) -> am.Visibility:
+    """Slots 0..q-1 holding positions 0..q-1; ``plain`` lets the pass assume the causal prompt without a mask."""
+    positions = torch.arange(q).expand(B, 1, q)
+    return am.Visibility(positions, torch.ones(B, 1, q, dtype=torch.bool), torch.arange(q), plain=plain)
+
+
+def _run(query, keys, values, request, masked: bool = False):
     q = query.shape[2]
     row_valid = torch.ones(B, q, dtype=torch.bool)
-    return am.attend(query, keys, values, visible, visible is None, row_valid, D**-0.5, None, request)
+    return am.attend(query, keys, values, _visibility(q, plain=not masked), row_valid, D**-0.5, request)
 
 
 @pytest.mark.parametrize(
@@ -61,7 +67,7 @@ def test_prompt_statistics_exact(monkeypatch: pytest.MonkeyPatch, block: int, pa
 
     monkeypatch.setattr(am, "_fused_output_and_lse", no_second_pass)
     query, keys, values = _inputs(157)
-    out, stats = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, last=True))
+    out, stats = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, last=True, count=True))
     ref_out, ref_colsum, ref_last = _naive(query, keys, values, D**-0.5)
     torch.testing.assert_close(out.double(), ref_out, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(stats.colsum.double(), ref_colsum, atol=1e-4, rtol=1e-5)
@@ -89,9 +95,8 @@ def test_prompt_statistics_bfloat16(stride: int) -> None:
 def test_masked_path_matches_prompt_path() -> None:
     """The generic (explicit visibility) pass and the causal prompt pass agree."""
     query, keys, values = _inputs(90)
-    visible = torch.ones(90, 90, dtype=torch.bool).tril()[None, None].expand(B, 1, 90, 90)
-    out_a, a = _run(query, keys, values, StatsRequest(rows=ALL_ROWS), visible=visible)
-    out_b, b = _run(query, keys, values, StatsRequest(rows=ALL_ROWS))
+    out_a, a = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, count=True), masked=True)
+    out_b, b = _run(query, keys, values, StatsRequest(rows=ALL_ROWS, count=True))
     torch.testing.assert_close(out_a, out_b, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(a.colsum, b.colsum, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(a.count, b.count)

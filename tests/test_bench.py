@@ -74,7 +74,9 @@ def test_cells_have_every_field(report):
         ):
             assert key in c, key
         assert c["e2e_s"] == pytest.approx(c["prefill_s"] + c["decode_s"])
-        assert c["kv_nbytes"] == c["kv_logical_nbytes"]  # compact storage: no hidden slack
+        # tokens held match the budget share within 2 %; storage adds the store's slack on top (tests/test_memory.py)
+        assert c["kv_nbytes"] >= c["kv_logical_nbytes"]
+        assert c["storage_overhead_max"] >= 0.0
         assert abs(c["bytes_vs_expected_max_dev"]) <= 0.02
         assert c["bytes_steps_checked"] == 4
     kvcrush = [c for c in cells if "+kvcrush" in c["policy"]]

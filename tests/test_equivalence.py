@@ -7,7 +7,7 @@ import torch
 
 import crushkv
 from conftest import batch_inputs
-from policy_matrix import all_specs
+from policy_matrix import STORE_OPTIONS, all_specs
 
 NEW_TOKENS = 20
 
@@ -25,11 +25,13 @@ def _generate(model, ids, mask, **kwargs):
     )
 
 
+@pytest.mark.parametrize("store", STORE_OPTIONS)
 @pytest.mark.parametrize("spec", all_specs(budget=64))
-def test_large_budget_matches_uncompressed(arch_model, spec):
+def test_large_budget_matches_uncompressed(arch_model, spec, store):
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     reference = _generate(model, ids, mask)
+    spec = f"{spec}{':' if spec == 'full' else ','}{STORE_OPTIONS[store]}"
     with crushkv.compress(model, spec) as cache:
         result = _generate(model, ids, mask, **crushkv.cache_kwargs(model, cache))
     assert torch.equal(result.sequences, reference.sequences)

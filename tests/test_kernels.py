@@ -12,7 +12,7 @@ import torch
 
 import crushkv.attention_math as am
 from crushkv import kernels
-from crushkv.policies.base import ALL_ROWS, StatsRequest
+from crushkv.stats import ALL_ROWS, StatsRequest
 
 SHAPES = [  # (B, Hk, G, q, d, dv)
     (1, 1, 1, 1, 8, 8),
@@ -34,7 +34,7 @@ def _inputs(shape, seed: int = 0):
 
 def _reference(grouped, keys, values, scaling):
     with kernels.disabled():
-        return am._exact_prompt_pass(grouped, keys, values, scaling, None, StatsRequest(rows=ALL_ROWS, last=True))
+        return am._exact_prompt_pass(grouped, keys, values, scaling, StatsRequest(rows=ALL_ROWS, last=True, count=True))
 
 
 @pytest.mark.parametrize("block", [64, 1 << 19], ids=["many-blocks", "default-blocks"])
@@ -81,8 +81,11 @@ def test_attend_uses_the_kernel(monkeypatch: pytest.MonkeyPatch, compiled_kernel
     monkeypatch.setattr(kernels, "exact_prompt", lambda: lambda *a: calls.append(1) or compiled_kernel(*a))
     query = torch.randn(1, 4, 20, 8)
     keys, values = torch.randn(1, 2, 20, 8), torch.randn(1, 2, 20, 8)
+    plain = am.Visibility(
+        torch.arange(20).expand(1, 1, 20), torch.ones(1, 1, 20, dtype=torch.bool), torch.arange(20), plain=True
+    )
     run = lambda q, k, v: am.attend(
-        q, k, v, None, True, torch.ones(1, 20, dtype=torch.bool), 8**-0.5, None, StatsRequest(rows=ALL_ROWS)
+        q, k, v, plain, torch.ones(1, 20, dtype=torch.bool), 8**-0.5, StatsRequest(rows=ALL_ROWS)
     )
     run(query, keys, values)
     assert calls == [1]
@@ -119,11 +122,12 @@ def test_off_mode_never_builds(tmp_path) -> None:
     """``CRUSHKV_KERNELS=off``: nothing is compiled or loaded, the op path still gives exact statistics."""
     code = (
         "import torch, crushkv.kernels as k, crushkv.attention_math as am\n"
-        "from crushkv.policies.base import ALL_ROWS, StatsRequest\n"
+        "from crushkv.stats import ALL_ROWS, StatsRequest\n"
         "assert k.exact_prompt() is None and k.load().error.startswith('disabled')\n"
         "q = torch.randn(1, 2, 12, 8); kv = torch.randn(1, 1, 12, 8)\n"
-        "_, s = am.attend(q, kv, kv, None, True, torch.ones(1, 12, dtype=torch.bool), 0.3, None,"
-        " StatsRequest(rows=ALL_ROWS))\n"
+        "vis = am.Visibility(torch.arange(12).expand(1, 1, 12), torch.ones(1, 1, 12, dtype=torch.bool),"
+        " torch.arange(12), plain=True)\n"
+        "_, s = am.attend(q, kv, kv, vis, torch.ones(1, 12, dtype=torch.bool), 0.3, StatsRequest(rows=ALL_ROWS))\n"
         "assert torch.allclose(s.colsum.sum(-1), torch.full((1, 1, 2), 12.0))\n"
         "assert not any((p / 'kernels').exists() for p in [__import__('pathlib').Path(r'" + str(tmp_path) + "')])\n"
     )
@@ -176,10 +180,10 @@ def test_exact_pass_memory_is_not_quadratic(path: str, request: pytest.FixtureRe
     scope = kernels.disabled() if path == "ops" else contextlib.nullcontext()
     with torch.inference_mode(), scope:
         am._exact_prompt_pass(
-            grouped[..., :256, :], keys[..., :256, :], values[..., :256, :], 0.125, None, StatsRequest(rows=ALL_ROWS)
+            grouped[..., :256, :], keys[..., :256, :], values[..., :256, :], 0.125, StatsRequest(rows=ALL_ROWS)
         )  # warm-up: thread pools, first-touch buffers
         with peak_memory(torch.device("cpu")) as mem:
-            _, stats = am._exact_prompt_pass(grouped, keys, values, 0.125, None, StatsRequest(rows=ALL_ROWS))
+            _, stats = am._exact_prompt_pass(grouped, keys, values, 0.125, StatsRequest(rows=ALL_ROWS))
     if mem.kind != "rss_hwm":
         pytest.skip("the RSS peak cannot be reset on this system")
     assert stats.colsum.shape == (1, 1, 1, q)

@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import functools
+from unittest import mock
+
 import pytest
 import torch
 
 import crushkv
 import crushkv.cache as cache_module
 from conftest import batch_inputs
-from crushkv.cache import CompressedLayer
+from crushkv import layer_stack
+from crushkv.layer import CompressedLayer
 from crushkv.layer_stack import DEFER_MAX_BYTES, LayerStack, batchable
 from crushkv.policies import parse_policy
 from crushkv.profiling import PROFILER
@@ -26,8 +30,12 @@ def _run(model, spec: str, batched: bool, interval: int | None = None):
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
     if interval is not None:
         spec = f"{spec},interval={interval}"
-    with PROFILER.recording() as prof, crushkv.compress(model, spec) as cache:
-        cache.batched_eviction = batched
+    per_layer = functools.partial(layer_stack.evict, batched=batched)
+    with (
+        PROFILER.recording() as prof,
+        mock.patch.object(cache_module, "evict", per_layer),
+        crushkv.compress(model, spec) as cache,
+    ):
         cache.defer_bytes = DEFER_MAX_BYTES if batched else 0
         out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS, do_sample=False)
         assert not cache.pending, "evictions left queued after a pass"
@@ -68,7 +76,7 @@ def _prompt_groups(model, spec: str, defer_bytes: int, monkeypatch) -> tuple[lis
 
     def recording_evict(pending, batched=True):
         groups.append([layer.layer_idx for layer, _ in pending])
-        sizes.append(sum(layer.keys.nbytes + layer.values.nbytes for layer, _ in pending))
+        sizes.append(sum(layer.store.nbytes() for layer, _ in pending))
         real_evict(pending, batched)
 
     sizes: list[int] = []
@@ -80,7 +88,8 @@ def _prompt_groups(model, spec: str, defer_bytes: int, monkeypatch) -> tuple[lis
         assert not cache.pending
         assert all(cache.kept_tokens()[i] == 12 for i in cache.compressed_layers)
         one = next(layer for layer in cache.layers if isinstance(layer, CompressedLayer))
-        layer_bytes = 24 / 12 * (one.keys.nbytes + one.values.nbytes)
+        b, h = one.valid.shape[:2]
+        layer_bytes = 24 * b * h * (one.key_dim + one.value_dim) * one.dtype.itemsize  # one uncompressed prompt
     assert all(size <= max(defer_bytes, layer_bytes) for size in sizes)
     return groups, int(layer_bytes)
 
@@ -132,7 +141,7 @@ def test_stack_exposes_only_layer_agnostic_fields(arch_model):
         stack = LayerStack(layers)
         assert stack.valid.shape[0] == 2 * len(layers)
         assert len(layers) > 1
-        assert torch.equal(stack.keys[2:4], layers[1].keys)
+        assert torch.equal(stack.cached_keys()[2:4], layers[1].cached_keys())
         for name in ("rank", "layer_idx", "generator", "extras"):
             with pytest.raises(AttributeError):
                 getattr(stack, name)

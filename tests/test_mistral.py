@@ -1,5 +1,5 @@
-"""Mistral (no sliding window, as in v0.3): one equivalence and one oracle case; the all-sliding v0.1 layout is
-rejected with a clear error."""
+"""Mistral: without a sliding window (v0.3) and with one on every layer (v0.1, whose layers are then compressed
+with their window applied): oracle cases for both, and the uncompressed logits at a large budget."""
 
 from __future__ import annotations
 
@@ -27,10 +27,13 @@ def _mistral(sliding_window=None) -> MistralForCausalLM:
     return MistralForCausalLM(cfg).eval()
 
 
-def test_mistral_matches_oracle():
-    model = _mistral()
+@pytest.mark.parametrize("window", [None, 16], ids=["no-window", "sliding-window"])
+@pytest.mark.parametrize("store", ["dense", "paged,page=4"])
+def test_mistral_matches_oracle(window, store):
+    model = _mistral(window)
     ids, mask = batch_inputs()
-    with crushkv.compress(model, "h2o+kvcrush:budget=12,crush=4,sink=2,recent=4,anchor=mean") as cache:
+    spec = f"h2o+kvcrush:budget=12,crush=4,sink=2,recent=4,anchor=mean,store={store}"
+    with crushkv.compress(model, spec) as cache:
         out, recorder = generate_recorded(model, cache, ids, mask, 8)
     sequence = out.sequences[:, :-1]
     full_mask = torch.cat([mask, torch.ones(2, sequence.shape[1] - ids.shape[1], dtype=mask.dtype)], dim=1)
@@ -41,6 +44,16 @@ def test_mistral_matches_oracle():
         torch.testing.assert_close(logits, reference[:, ids.shape[1] - 1 + step], atol=2e-5, rtol=0)
 
 
-def test_all_sliding_mistral_is_rejected():
-    with pytest.raises(ValueError, match="no full-attention layer"), crushkv.compress(_mistral(4096), "h2o:budget=64"):
-        pass
+def test_all_sliding_mistral_uncompressed_at_a_large_budget():
+    """Every layer slides (window 10 < 24 prompt tokens + 8 new): the compressed layers apply the window themselves,
+    drop what falls out of it, and reproduce transformers' own sliding-window logits."""
+    model = _mistral(10)
+    ids, mask = batch_inputs()
+    kwargs = {"attention_mask": mask, "max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
+    kwargs.update(output_logits=True, return_dict_in_generate=True)
+    reference = model.generate(ids, **kwargs)
+    with crushkv.compress(model, "h2o:budget=64,sink=2,recent=4") as cache:
+        result = model.generate(ids, **kwargs, **crushkv.cache_kwargs(model, cache))
+    for got, want in zip(result.logits, reference.logits, strict=True):
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+    assert max(cache.kept_tokens()) <= 10  # out-of-window tokens are freed

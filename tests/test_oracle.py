@@ -7,8 +7,9 @@ import torch
 
 import crushkv
 from conftest import batch_inputs
+from crushkv.stores import STORES
 from oracle import generate_recorded, generation_positions, oracle_logits, oracle_masks
-from policy_matrix import all_specs
+from policy_matrix import STORE_OPTIONS, all_specs
 
 NEW_TOKENS = 12
 BUDGET = 12
@@ -31,15 +32,61 @@ def _check_against_oracle(model, spec: str, **generate_kwargs) -> None:
         assert all(len(h[i][0, 0]) < total for h in recorder.history[-1:] for i in h)
 
 
-@pytest.mark.parametrize("phase", ["prefill", "decode"])
-@pytest.mark.parametrize("spec", all_specs(budget=BUDGET))
-def test_eviction_matches_masked_oracle(arch_model, spec, phase):
+MATRIX = [
+    spec
+    for store in STORES
+    for phase in ("prefill", "decode")
+    for spec in all_specs(budget=BUDGET, phase=phase, store=store)
+    if "phase=" in spec or phase == "prefill"  # ``full`` has no phase: once per store
+]
+
+
+@pytest.mark.parametrize("spec", MATRIX)
+def test_eviction_matches_masked_oracle(arch_model, spec):
     _, model = arch_model
-    if "phase=" not in spec and spec != "full":
-        spec = f"{spec},phase={phase}"
-    elif spec == "full" and phase == "decode":
-        pytest.skip("full has no phase")
     _check_against_oracle(model, spec)
+
+
+@pytest.mark.parametrize("spec", [s for s in all_specs(budget=BUDGET, phase="decode") if s != "full"])
+def test_every_store_keeps_the_same_tokens(arch_model, spec):
+    """The stores only hold bytes: the same policy keeps the same positions at every step, whatever the store."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    runs = {}
+    for store, option in STORE_OPTIONS.items():
+        with crushkv.compress(model, f"{spec},{option}") as cache:
+            out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS)
+        runs[store] = (out, recorder.history)
+    (out_a, kept_a), (out_b, kept_b) = runs.values()
+    assert torch.equal(out_a.sequences, out_b.sequences)
+    for a, b in zip(out_a.logits, out_b.logits, strict=True):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    for step_a, step_b in zip(kept_a, kept_b, strict=True):
+        assert all(torch.equal(step_a[i], step_b[i]) for i in step_a)
+
+
+def test_padded_rows_resolve_a_ratio_budget_against_their_own_prompt(arch_model):
+    """Batch rows keep ``ratio x their own prompt``, exactly what each row keeps alone (batch size 1)."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=6)  # row 0: 18 real tokens, row 1: 24
+    spec = "h2o+kvcrush:budget=0.5,crush=0.25,sink=2,recent=4,anchor=mean,phase=prefill"
+    with crushkv.compress(model, spec) as cache:
+        out, recorder = generate_recorded(model, cache, ids, mask, 4)
+    for i in cache.compressed_layers:
+        counts = cache.kept_counts(i)
+        assert counts[0].tolist() == [9 + 3] * counts.shape[1] and counts[1].tolist() == [12 + 3] * counts.shape[1]
+    for row in range(2):
+        real = mask[row].bool()
+        alone_ids, alone_mask = ids[row : row + 1, real], mask[row : row + 1, real]
+        with crushkv.compress(model, spec) as alone:
+            single, single_rec = generate_recorded(model, alone, alone_ids, alone_mask, 4)
+        pad = int((~real).sum())
+        for step, (batched, one) in enumerate(zip(recorder.history, single_rec.history, strict=True)):
+            for i in one:
+                got = batched[i][row]
+                got = got[got >= 0] - pad  # the batched row's positions count its padding
+                assert torch.equal(got.view(-1, one[i].shape[-1]), one[i][0]), (row, step, i)
+        torch.testing.assert_close(out.logits[-1][row], single.logits[-1][0], atol=1e-4, rtol=0)
 
 
 @pytest.mark.parametrize("spec", ["h2o+kvcrush:budget=12,crush=4,sink=2,recent=4", "snapkv:budget=0.5,window=4,sink=2"])

@@ -57,8 +57,18 @@ def test_interval_auto_scales_with_the_layer_budget():
         ("h2o:budget=20,sink=4,recent=32", "smaller than sink+recent"),
         ("h2o+kvcrush:budget=64,crush=60,recent=8", "fewer than its sink+recent"),
         ("kvcrush:budget=64", "kvcrush wraps a host"),
-        ("h2o+snapkv:budget=64", "only wrapper is '+kvcrush'"),
-        ("full+kvcrush:budget=64", "compressing host"),
+        ("h2o+snapkv:budget=64", "wrappers are +adakv and +kvcrush"),
+        ("h2o+kvcrush+adakv:budget=64", "in that order"),
+        ("full+kvcrush:crush=4", "compressing host"),
+        ("full:budget=512", "full keeps every token: it takes no 'budget'"),
+        ("h2o:budget=0,sink=0,recent=0", "at least 1 token"),
+        ("h2o:budget=64,budget=32", "given twice"),
+        ("h2o:budget=64,store=disk", "store must be one of dense, paged"),
+        ("h2o:budget=64,store=paged,page=0", "page must be an int >= 1"),
+        ("tova+adakv:budget=64", "head-wise budgets need a per-head host"),
+        ("h2o+adakv:budget=64,floor=2.0", "floor must be a fraction"),
+        ("h2o+adakv+kvcrush:budget=64,crush=8,granularity=block", "cannot wrap +adakv"),
+        ("h2o+kvcrush:budget=64,crush=8,kvcrush.window=3", "no part 'kvcrush' with a key 'window'"),
         ("h2o", "a budget is required"),
         ("h2o:budget=1.5", "ratio of the context"),
         ("h2o:budget=ten", "must be a number"),
@@ -83,16 +93,57 @@ def test_unsupported_model_is_rejected():
         pass
 
 
-def test_ratio_too_small_for_context_fails_at_run_time(arch_model):
+def test_a_prompt_shorter_than_the_always_kept_tokens_is_not_compressed(arch_model):
+    """A ratio budget below sink + recent is raised to them (never a crash inside generate), and the summary says so."""
     import torch
 
     _, model = arch_model
     ids = torch.randint(1, 90, (1, 20))
-    with (
-        pytest.raises(ValueError, match="fewer than the"),
-        crushkv.compress(model, "h2o:budget=0.1,sink=4,recent=8") as c,
-    ):
+    with torch.no_grad():
+        reference = model(ids).logits
+        with crushkv.compress(model, "snapkv+kvcrush:budget=0.25,crush=0.25,sink=4,recent=32") as c:
+            logits = model(ids, **crushkv.cache_kwargs(model, c)).logits
+    torch.testing.assert_close(logits, reference, atol=1e-5, rtol=0)
+    assert {c.kept_tokens()[i] for i in c.compressed_layers} == {20}
+    assert any("raised to sink+recent=36 (nothing is evicted)" in note for note in c.summary()["notes"])
+    with torch.no_grad(), crushkv.compress(model, "h2o:budget=0.1,sink=4,recent=8") as c:
         model(ids, **crushkv.cache_kwargs(model, c))
+    assert {c.kept_tokens()[i] for i in c.compressed_layers} == {12}
+    assert any("is 2 tokens: raised to sink+recent=12" in note for note in c.summary()["notes"])
+
+
+def test_kvcrush_default_phase_is_the_same_for_objects_and_specs():
+    from crushkv.policies import REGISTRY
+
+    snapkv = REGISTRY["snapkv"]
+    assert KVCrush(host=snapkv(budget=64)) == parse_policy("snapkv+kvcrush:budget=64")
+    assert KVCrush(host=snapkv(budget=64)).phase == "decode"
+    assert KVCrush(host=snapkv(budget=64, phase="prefill")).phase == "prefill"
+    assert parse_policy("snapkv+kvcrush:budget=64,phase=prefill").phase == "prefill"
+    assert any("KVCrush's default" in n for n in parse_policy("snapkv+kvcrush:budget=64").notes())
+    assert any("grows past the budget" in n for n in parse_policy("snapkv:budget=64").notes())
+    assert not parse_policy("h2o:budget=64").notes()
+
+
+def test_nesting_compress_on_one_model_is_an_error(arch_model):
+    _, model = arch_model
+    with (
+        crushkv.compress(model, "h2o:budget=64"),
+        pytest.raises(RuntimeError, match="already active"),
+        crushkv.compress(model, "snapkv:budget=64"),
+    ):
+        pass
+    with crushkv.compress(model, "h2o:budget=64"):  # the outer block cleaned up after itself
+        pass
+
+
+def test_generate_without_the_cache_inside_the_block_warns(arch_model):
+    import torch
+
+    _, model = arch_model
+    ids = torch.randint(1, 90, (1, 12))
+    with crushkv.compress(model, "h2o:budget=64"), pytest.warns(UserWarning, match="was not given its CrushCache"):
+        model.generate(ids, max_new_tokens=2, do_sample=False, pad_token_id=0)
 
 
 def test_cache_outside_its_context_is_an_error(arch_model):

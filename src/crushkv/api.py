@@ -8,8 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 from crushkv import attention
-from crushkv.cache import CrushCache
-from crushkv.policies import AnyPolicy, parse_policy
+from crushkv.cache import CrushCache, text_config
+from crushkv.layer_stack import DEFER_MAX_BYTES
+from crushkv.policies import Policy, parse_policy
 
 #: ``config.model_type`` values whose attention modules crushkv has been checked against
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
@@ -36,7 +37,7 @@ def _cache_argument(model_class: type) -> str:
 
 def check_supported(model) -> None:
     """Raise ``ValueError`` for a model family crushkv does not support."""
-    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    config = text_config(model.config)
     model_type = getattr(config, "model_type", None)
     if model_type not in SUPPORTED_MODEL_TYPES:
         raise ValueError(f"unsupported model type {model_type!r}; supported: {', '.join(SUPPORTED_MODEL_TYPES)}")
@@ -45,12 +46,13 @@ def check_supported(model) -> None:
 
 
 @contextmanager
-def compress(model, policy: str | AnyPolicy = "full", defer_bytes: int | None = None) -> Iterator[CrushCache]:
+def compress(model, policy: str | Policy = "full", defer_bytes: int | None = None) -> Iterator[CrushCache]:
     """Yield a ``CrushCache`` to pass as the cache (``cache=``, ``past_key_values=`` before transformers 5.24; see
     ``cache_kwargs``) to ``model(...)`` / ``model.generate(...)``.
 
     Inside the block the model uses crushkv's attention function (SDPA plus the statistics the policy needs);
-    leaving the block restores the model's attention implementation. ``defer_bytes``: uncompressed prompt K/V the
+    leaving the block restores the model's attention implementation. One block per model at a time: nesting is an
+    error (the inner cache would silently replace the outer one). ``defer_bytes``: uncompressed prompt K/V the
     cache may hold back to cut several layers in one selection (default ``layer_stack.DEFER_MAX_BYTES`` = 16 MiB;
     0 cuts the prompt layer by layer, the lowest peak memory).
 
@@ -59,13 +61,16 @@ def compress(model, policy: str | AnyPolicy = "full", defer_bytes: int | None = 
     """
     policy = parse_policy(policy)
     check_supported(model)
-    cache = CrushCache(model.config, policy)
-    if defer_bytes is not None:
-        if defer_bytes < 0:
-            raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
-        cache.defer_bytes = int(defer_bytes)
-    attention.register()
+    if defer_bytes is not None and defer_bytes < 0:
+        raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
     modules = attention_modules(model)
+    if any(hasattr(m, attention.CACHE_ATTR) for m in modules):
+        raise RuntimeError(
+            "crushkv.compress is already active on this model: leave the outer `with` block first "
+            "(one compressed cache per model at a time)"
+        )
+    cache = CrushCache(model.config, policy, DEFER_MAX_BYTES if defer_bytes is None else int(defer_bytes))
+    attention.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.NAME)
     for module in modules:

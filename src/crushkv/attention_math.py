@@ -8,12 +8,13 @@ GQA is handled by grouping query heads under their KV head (no ``repeat_kv`` cop
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from crushkv import kernels
-from crushkv.policies.base import ALL_ROWS, TAIL_ROWS, Stats, StatsRequest
+from crushkv.stats import ALL_ROWS, TAIL_ROWS, Stats, StatsRequest
 
 #: probabilities materialised per chunk of the generic pass (elements); 2M floats = 8 MB, cache-friendly
 CHUNK_ELEMENTS = 1 << 21
@@ -23,22 +24,37 @@ STATS_BLOCK_ELEMENTS = 1 << 21
 HEAD_BLOCK_ELEMENTS = 1 << 19
 
 
-def visibility(positions: torch.Tensor, valid: torch.Tensor, query_positions: torch.Tensor) -> torch.Tensor:
-    """``[B, H, q, L]``: slot visible to query when it is valid and not in the future; a query always sees itself."""
-    past = positions[:, :, None, :] <= query_positions[:, :, :, None]
-    itself = positions[:, :, None, :] == query_positions[:, :, :, None]
-    return (valid[:, :, None, :] & past) | itself
+@dataclass
+class Visibility:
+    """Which slots this pass's queries see: a slot is visible when it holds a real token that is not in the future
+    (and, for a sliding-window layer, not out of the window); a query always sees itself.
+
+    ``positions``/``valid``: ``[B, H or 1, n]`` (one row per batch element while every head holds the same slots).
+    ``plain``: no mask is needed, a causal prompt without padding or one new token that sees every slot.
+    """
+
+    positions: torch.Tensor
+    valid: torch.Tensor
+    query_positions: torch.Tensor
+    window: int | None = None
+    plain: bool = False
+    prompt: bool = False
+
+    def rows(self, i0: int, i1: int) -> torch.Tensor:
+        """``[B, H or 1, i1 - i0, n]`` boolean mask of query rows ``i0 .. i1 - 1``."""
+        slot = self.positions[:, :, None, :]
+        query = self.query_positions[i0:i1][None, None, :, None]
+        seen = self.valid[:, :, None, :] & (slot <= query)
+        if self.window is not None:
+            seen &= slot > query - self.window
+        return seen | (slot == query)
 
 
-def _probabilities(
-    query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float, softcap: float | None
-) -> torch.Tensor:
+def _probabilities(query: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float) -> torch.Tensor:
     """Softmax probabilities ``[B, Hk, G, r, L]`` (fp32) for query rows ``[B, Hk, G, r, d]``."""
     b, hk, g, r, d = query.shape
     logits = torch.matmul(query.reshape(b, hk, g * r, d), keys.transpose(-1, -2)).view(b, hk, g, r, -1).float()
     logits = logits * scaling
-    if softcap is not None:
-        logits = torch.tanh(logits / softcap) * softcap
     logits = logits.masked_fill(~visible[:, :, None], float("-inf"))
     return torch.softmax(logits, dim=-1)
 
@@ -61,57 +77,55 @@ def attend(
     query: torch.Tensor,
     keys: torch.Tensor,
     values: torch.Tensor,
-    visible: torch.Tensor | None,
-    causal: bool,
+    visibility: Visibility,
     row_valid: torch.Tensor,
     scaling: float,
-    softcap: float | None,
     request: StatsRequest | None,
-    visible_rows=None,
 ) -> tuple[torch.Tensor, Stats]:
     """Attention output ``[B, q, Hq, d]`` and the requested statistics.
 
-    ``visible``: ``[B, Hk or 1, q, L]`` boolean mask, or ``None`` with ``causal`` telling whether plain causal
-    (``q == L``) or no mask (``q == 1``) applies. ``visible_rows(i0, i1)`` builds the mask for a block of rows when
-    ``visible`` is ``None`` and statistics are needed. ``row_valid``: ``[B, q]`` False for padding queries, which
-    contribute no statistics.
+    ``row_valid``: ``[B, q]`` False for padding queries, which contribute no statistics. Paths, by what is asked:
+    every row's column sums over a plain causal prompt: one exact (or row-sampled) blocked pass; every row's column
+    sums otherwise, or any statistic of a single new token: the chunked pass; else SDPA for the output and the
+    requested tail rows recomputed.
     """
     b, hq, q, d = query.shape
     hk, length = keys.shape[1], keys.shape[2]
     g = hq // hk
     grouped = query.view(b, hk, g, q, d)
     request = request or StatsRequest()
-    rows_of = visible_rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
+    visible = None if visibility.plain else visibility.rows(0, q)
+    rows_of = visibility.rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
+    causal = visibility.plain and q > 1
     stats = Stats()
 
-    if request.rows == ALL_ROWS and visible is None and causal and q == length:
-        stride = max(1, int(request.stride)) if softcap is None else 1  # row sampling only without softcapping
-        if stride == 1:
-            return _exact_prompt_pass(grouped, keys, values, scaling, softcap, request)
-        return _sampled_prompt_pass(grouped, keys, values, scaling, stride, request)
+    if request.rows == ALL_ROWS and causal and q == length:
+        if request.stride == 1:
+            return _exact_prompt_pass(grouped, keys, values, scaling, request)
+        return _sampled_prompt_pass(grouped, keys, values, scaling, request.stride, request)
     if request.rows == ALL_ROWS or (q == 1 and not request.empty):
-        acc = _Accumulator((b, hk, g, length), query.device, count=True)
-        out = torch.empty(b, hk, g, q, d, dtype=query.dtype, device=query.device)
+        acc = _Accumulator((b, hk, g, length), query.device, count=request.count)
+        out = torch.empty(b, hk, g, q, values.shape[-1], dtype=query.dtype, device=query.device)
         step = max(1, CHUNK_ELEMENTS // max(1, b * hq * length))
         for i0 in range(0, q, step):
             i1 = min(q, i0 + step)
             vis = rows_of(i0, i1).expand(b, hk, -1, -1)
-            probs = _probabilities(grouped[:, :, :, i0:i1], keys, vis, scaling, softcap)
+            probs = _probabilities(grouped[:, :, :, i0:i1], keys, vis, scaling)
             out[:, :, :, i0:i1] = _weighted_values(probs, values)
             acc.add(probs, vis, row_valid[:, i0:i1])
             if request.last and i1 == q:
                 stats.last = probs[:, :, :, -1]
         stats.colsum, stats.count = acc.colsum, acc.count
-        return out.view(b, hq, q, d).transpose(1, 2), stats
+        return out.view(b, hq, q, -1).transpose(1, 2), stats
 
-    out = _sdpa(query, keys, values, visible, causal, scaling, softcap, b, hk, g, q, length)
+    out = _sdpa(query, keys, values, visible, causal, scaling, b, hk, g, q, length)
     if request.rows is not None or request.last:
         rows = q if request.rows in (None, ALL_ROWS) else min(request.rows, q)
         i0 = q - rows if request.rows is not None else q - 1
         vis = rows_of(i0, q).expand(b, hk, -1, -1)
-        probs = _probabilities(grouped[:, :, :, i0:q], keys, vis, scaling, softcap)
+        probs = _probabilities(grouped[:, :, :, i0:q], keys, vis, scaling)
         if request.rows is not None:
-            acc = _Accumulator((b, hk, g, length), query.device, count=True)
+            acc = _Accumulator((b, hk, g, length), query.device, count=request.count)
             acc.add(probs, vis, row_valid[:, i0:q])
             stats.colsum, stats.count = acc.colsum, acc.count
         if request.last:
@@ -122,7 +136,7 @@ def attend(
 def _sampled_prompt_pass(
     grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, stride: int, request: StatsRequest
 ) -> tuple[torch.Tensor, Stats]:
-    """Output and row-sampled statistics of a causal prompt without padding (no softcapping), upper triangle skipped.
+    """Output and row-sampled statistics of a causal prompt without padding, upper triangle skipped.
 
     The output comes from a fused kernel where one exists (CPU flash attention also returns each row's log-sum-exp,
     so a sampled probability block is a single ``exp`` of an augmented matmul ``[q*scale, -lse] @ [k, 1]^T``), else
@@ -136,7 +150,7 @@ def _sampled_prompt_pass(
         out = out.transpose(1, 2)
     else:
         flat = grouped.reshape(b, hk * g, q, d)
-        out, lse = _sdpa(flat, keys, values, None, True, scaling, None, b, hk, g, q, q), None
+        out, lse = _sdpa(flat, keys, values, None, True, scaling, b, hk, g, q, q), None
     if lse is not None:  # exp(q.k*scale - lse) straight from one matmul; lse split in two parts for 16-bit dtypes
         parts = [-lse] if grouped.dtype == torch.float32 else _split_hi_lo(-lse, grouped.dtype)
         query = torch.cat([grouped * scaling, *(p[..., None].to(grouped.dtype) for p in parts)], dim=-1)
@@ -162,7 +176,8 @@ def _sampled_prompt_pass(
         colsum[..., :i1] += probs.sum(-2)
         if request.last and i1 == q:
             stats.last = probs[:, :, :, -1]
-    stats.colsum, stats.count = colsum, _prompt_counts(b, hk, q, grouped.device)
+    stats.colsum = colsum
+    stats.count = _prompt_counts(b, hk, q, grouped.device) if request.count else None
     return out, stats
 
 
@@ -176,7 +191,6 @@ def _exact_prompt_pass(
     keys: torch.Tensor,
     values: torch.Tensor,
     scaling: float,
-    softcap: float | None,
     request: StatsRequest,
 ) -> tuple[torch.Tensor, Stats]:
     """Exact output and column sums from the same probability blocks: per row block one ``QK^T``, a softmax, one
@@ -192,20 +206,21 @@ def _exact_prompt_pass(
     b, hk, g, q, d = grouped.shape
     n, dv = b * hk, values.shape[-1]
     rows_q = grouped.reshape(n, g, q, d).transpose(1, 2).contiguous()  # read only: may alias ``grouped`` (G = 1)
-    flat_keys, flat_values = keys.reshape(n, q, d) * scaling, values.reshape(n, q, -1)  # scaled keys: G x smaller
+    # scaled keys (G x smaller than scaling the queries), compact: the compiled op and bmm out= want row-major
+    flat_keys, flat_values = keys.reshape(n, q, d).contiguous() * scaling, values.reshape(n, q, -1).contiguous()
     tracked = torch.is_grad_enabled() and any(t.requires_grad for t in (grouped, keys, values))
     plain_cpu = grouped.device.type == "cpu" and grouped.dtype == values.dtype == torch.float32
-    plain_cpu = plain_cpu and softcap is None and not tracked  # what both the compiled op and out= buffers need
+    plain_cpu = plain_cpu and not tracked  # what both the compiled op and out= buffers need
     compiled = kernels.exact_prompt() if plain_cpu else None
     if compiled is not None:  # the same pass in one compiled op, blocks spread over the threads (crushkv.kernels)
         out, colsum, last = compiled(
             rows_q.view(b, hk, q, g, d),
             flat_keys.view(b, hk, q, d),
-            flat_values.contiguous().view(b, hk, q, dv),
+            flat_values.view(b, hk, q, dv),
             HEAD_BLOCK_ELEMENTS,
             request.last,
         )
-        counts = _prompt_counts(b, hk, q, grouped.device)
+        counts = _prompt_counts(b, hk, q, grouped.device) if request.count else None
         stats = Stats(colsum=colsum, count=counts, last=last if request.last else None)
         return out.view(b, q, hk * g, dv), stats
     out = torch.empty(b, q, hk, g, dv, dtype=grouped.dtype, device=grouped.device)
@@ -229,8 +244,6 @@ def _exact_prompt_pass(
             block = rows_q[heads, i0:i1].reshape(m, r * g, d)
             buffer = None if scratch is None else scratch[: m * r * g * i1].view(m, r * g, i1)
             logits = torch.bmm(block, flat_keys[heads, :i1].transpose(1, 2), out=buffer).float()
-            if softcap is not None:
-                logits = torch.tanh(logits / softcap) * softcap
             logits.view(m, r, g, i1)[..., i0:i1].masked_fill_(diagonal[r], float("-inf"))
             if buffer is None:
                 probs = torch.softmax(logits, dim=-1)
@@ -248,7 +261,7 @@ def _exact_prompt_pass(
                 last[heads] = per_row[:, -1]
     stats = Stats(
         colsum=colsum.view(b, hk, g, q),
-        count=_prompt_counts(b, hk, q, grouped.device),
+        count=_prompt_counts(b, hk, q, grouped.device) if request.count else None,
         last=None if last is None else last.view(b, hk, g, q),
     )
     return out.view(b, q, hk * g, dv), stats
@@ -317,10 +330,8 @@ def _weighted_values(probs: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     return mixed.view(b, hk, g, r, -1)
 
 
-def _sdpa(query, keys, values, visible, causal, scaling, softcap, b, hk, g, q, length) -> torch.Tensor:
-    """Output via ``scaled_dot_product_attention`` (falls back to the chunked path for softcapping)."""
-    if softcap is not None:
-        raise ValueError("attention logit softcapping is not supported by crushkv's SDPA path")
+def _sdpa(query, keys, values, visible, causal, scaling, b, hk, g, q, length) -> torch.Tensor:
+    """Output via ``scaled_dot_product_attention``; a per-KV-head mask is shared by the head's query heads."""
     mask = None
     if visible is not None:
         mask = (

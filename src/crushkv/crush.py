@@ -22,21 +22,29 @@ ANCHORS = ("random", "mean", "alternate", "zeros", "ones")
 PICK_RULES = ("bucket", "ovg", "linspace")
 
 
-def indicators(scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
+def indicators(scores: torch.Tensor, region: torch.Tensor, order: torch.Tensor | None = None) -> torch.Tensor:
     """Bit 1 for the ``floor(n/2)`` highest-scoring region tokens of each row (``n`` = region size of that row).
 
-    ``scores``: ``[..., T]``, ``region`` broadcastable to it; ties go to the earlier token (deterministic).
+    ``scores``: ``[..., T]``, ``region`` broadcastable to it; ties go to the earlier token (``order``: per-slot
+    token order keys, ``None`` when slot order is token order), so the bits are deterministic.
     """
     prio = torch.where(region, scores.float(), float("-inf"))
     half = region.sum(-1, keepdim=True) // 2
     common = _common_value(half)
     if common is not None:  # every row keeps the same count (the usual case): O(T) selection instead of a sort
-        return top_mask(prio, common) & region
-    order = torch.sort(prio, dim=-1, descending=True, stable=True).indices
-    rank = torch.empty_like(order).scatter_(
-        -1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    )
+        return top_mask(prio, common, None if order is None else order.expand_as(prio)) & region
+    rank = _descending_rank(prio, order)
     return (rank < half) & region
+
+
+def _descending_rank(prio: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Rank of every slot in a sort by descending priority, ties by token order."""
+    if order is None:
+        perm = torch.sort(prio, dim=-1, descending=True, stable=True).indices
+    else:
+        by_order = order.expand_as(prio).argsort(-1)
+        perm = by_order.gather(-1, torch.sort(prio.gather(-1, by_order), dim=-1, descending=True, stable=True).indices)
+    return torch.empty_like(perm).scatter_(-1, perm, torch.arange(perm.shape[-1], device=perm.device).expand_as(perm))
 
 
 def make_anchor(
@@ -75,8 +83,17 @@ def hamming(signatures: torch.Tensor, anchor: torch.Tensor) -> torch.Tensor:
 #: largest presence table (booleans) the sort-free bucket picks may allocate; bigger problems take the sort
 PRESENCE_TABLE_ELEMENTS = 1 << 24
 
-#: sort keys of the slots that are not candidates: fillers first, then the rest (above any distance)
-_FILLER_KEY, _OTHER_KEY = 1 << 40, 1 << 41
+#: sort classes of the slots that are not candidates: fillers first, then the rest (above any distance)
+_FILLER_KEY, _OTHER_KEY = 1 << 17, 1 << 18
+#: a sort key is ``class << _ORDER_BITS | token order`` (token order keys stay below 2**44: n * seen < 1.7e13)
+_ORDER_BITS = 44
+
+
+def _sort_keys(cls: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
+    """Unique keys sorting by ``cls`` (distance or filler/other class), then by token order (or slot index)."""
+    if order is None:
+        order = torch.arange(cls.shape[-1], device=cls.device)
+    return (cls.long() << _ORDER_BITS) | order
 
 
 def pick_representatives(
@@ -85,6 +102,7 @@ def pick_representatives(
     k: int,
     rule: str = "bucket",
     fillers: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Indices ``[..., k]`` of representatives: candidates sorted by distance (stable), one per equal-size bucket.
 
@@ -92,7 +110,7 @@ def pick_representatives(
     (e.g. padding slots, so tensor shapes stay equal); the caller guarantees ``candidates + fillers >= k``.
     """
     m = candidates.sum(-1)
-    return _pick(distance, candidates, k, rule, fillers, m, _common_value(m))
+    return _pick(distance, candidates, k, rule, fillers, m, _common_value(m), order)
 
 
 def _pick(
@@ -103,20 +121,22 @@ def _pick(
     fillers: torch.Tensor | None,
     m: torch.Tensor,
     common_m: int | None,
+    order: torch.Tensor | None,
 ) -> torch.Tensor:
     """``pick_representatives`` given the candidate count ``m`` of every row (``common_m``: their common value)."""
     if k == 0:
         return torch.zeros(*distance.shape[:-1], 0, dtype=torch.long, device=distance.device)
-    if common_m is not None and common_m >= k and host_sync_is_free(distance.device):
+    if order is None and common_m is not None and common_m >= k and host_sync_is_free(distance.device):
         width = int(distance.max()) + 1 if distance.numel() else 1
         if distance.numel() * width <= PRESENCE_TABLE_ELEMENTS:
             return _pick_by_presence(distance, candidates, common_m, width, _common_ranks(common_m, k, rule))
     others = _OTHER_KEY if fillers is None else torch.where(fillers, _FILLER_KEY, _OTHER_KEY)
-    order = torch.sort(torch.where(candidates, distance.long(), others), dim=-1, stable=True).indices
+    cls = torch.where(candidates, distance.long(), torch.as_tensor(others, device=distance.device))
+    ranked = torch.sort(_sort_keys(cls, order), dim=-1).indices
     i = torch.arange(k, device=distance.device)
     if common_m is not None:  # the same count in every row (no padding): one rank list for all rows
-        return order.index_select(-1, _ranks(m.new_tensor(common_m), min(common_m, k), i, rule))
-    return order.gather(-1, _ranks(m, m.clamp(max=k)[..., None], i.expand(*m.shape, k), rule))
+        return ranked.index_select(-1, _ranks(m.new_tensor(common_m), min(common_m, k), i, rule))
+    return ranked.gather(-1, _ranks(m, m.clamp(max=k)[..., None], i.expand(*m.shape, k), rule))
 
 
 def _pick_by_presence(
@@ -154,21 +174,22 @@ def representative_mask(
     k: int,
     rule: str = "bucket",
     fillers: torch.Tensor | None = None,
+    order: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Boolean ``[..., T]`` mask of the slots ``pick_representatives`` returns.
 
     Fast path for steady decoding, where every row has exactly ``k + 1`` candidates: with ``bucket``/``ovg`` picks the
     buckets have size one and the ranks kept are ``0..k-1``, i.e. the only candidate dropped is the last one in
-    (distance, slot) order: the largest distance, the latest slot among ties. No sort is needed for that.
+    (distance, token order): the largest distance, the latest token among ties. No sort is needed for that.
     """
     length = distance.shape[-1]
     m = candidates.sum(-1)
     common_m = _common_value(m)
     if rule in ("bucket", "ovg") and k >= 1 and common_m == k + 1:
-        key = torch.where(candidates, distance.long(), -1)
-        drop = length - 1 - key.flip(-1).argmax(-1, keepdim=True)
+        key = torch.where(candidates, _sort_keys(distance, order), -1)
+        drop = key.argmax(-1, keepdim=True)
         return candidates & (torch.arange(length, device=distance.device) != drop)
-    return to_mask(_pick(distance, candidates, k, rule, fillers, m, common_m), length)
+    return to_mask(_pick(distance, candidates, k, rule, fillers, m, common_m, order), length)
 
 
 def _common_value(counts: torch.Tensor) -> int | None:

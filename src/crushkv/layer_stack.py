@@ -2,14 +2,17 @@
 
 A policy's selection is a few dozen small tensor ops per layer, so per-op overhead dominates short contexts. A
 layer's cache is not read again before the next forward pass, so its eviction can wait: all queued layers with the
-same shape (slots, heads, budget) are then selected together by one ``policy.select`` on a ``LayerStack``. The kept
-sets are the ones per-layer selection gives (tested over the whole policy matrix).
+same shape (slots, heads, budgets) are then selected together by one ``policy.keep_mask`` on a ``LayerStack``. The
+kept sets are the ones per-layer selection gives (tested over the whole policy matrix).
 
 * Decode passes (at most ``DEFER_MAX_TOKENS`` new tokens) queue every layer until the last compressed layer.
 * Longer passes (the prompt) queue a layer only while the queued layers' uncompressed keys/values stay within
   ``DEFER_MAX_BYTES``; the queue is cut back before it would grow past that. So the prompt pass holds at most
   ``DEFER_MAX_BYTES`` of uncompressed K/V on top of the layer being computed (short prompts: several layers per
-  selection; long prompts, whose selections are cheap next to their attention: one layer at a time, as before).
+  selection; long prompts, whose selections are cheap next to their attention: one layer at a time).
+
+Rows of one layer whose budgets differ (ratio budgets over a padded batch: each row resolves against its own
+prompt) are selected one ``RowView`` at a time, exactly as each row alone would be.
 
 A policy whose selection depends on the layer itself (its index, a per-layer generator) sets ``batchable = False``.
 A ``LayerStack`` exposes only what a batchable policy may read; anything else raises ``AttributeError``.
@@ -17,15 +20,16 @@ A ``LayerStack`` exposes only what a batchable policy may read; anything else ra
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Hashable, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
 from crushkv.profiling import PROFILER
+from crushkv.selection import order_keys
 
 if TYPE_CHECKING:
-    from crushkv.cache import CompressedLayer
+    from crushkv.layer import CompressedLayer
 
 #: decode passes of at most this many new tokens defer their eviction to the end of the pass
 DEFER_MAX_TOKENS = 16
@@ -35,67 +39,106 @@ DEFER_MAX_BYTES = 16 << 20
 
 
 class LayerStack:
-    """Read-only view of ``n`` same-shape ``CompressedLayer``s as one layer with batch ``n * B`` (layer-major)."""
+    """Read-only ``LayerView`` of ``n`` same-shape ``CompressedLayer``s as one layer with batch ``n * B``."""
 
     def __init__(self, layers: Sequence[CompressedLayer]) -> None:
         self.layers = list(layers)
         first = self.layers[0]
         self.policy = first.policy
-        self.context_length = first.context_length
-        self.num_heads = first.num_heads
+        self.seen = first.seen
+        self.context_lengths = tuple(n for layer in self.layers for n in layer.context_lengths)
+        self.aligned = all(layer.aligned for layer in self.layers)
         self.positions = torch.cat([layer.positions for layer in self.layers])
         self.valid = torch.cat([layer.valid for layer in self.layers])
-        self.state = {name: torch.cat([layer.state[name] for layer in self.layers]) for name in first.state}
-        self._keys: torch.Tensor | None = None
+        self.start = torch.cat([layer.start for layer in self.layers])
+        states = [layer.state for layer in self.layers]
+        self.state = {name: torch.cat([s[name] for s in states]) for name in states[0]}
+        self._ordered = all(layer.ordered for layer in self.layers)
 
     @property
-    def keys(self) -> torch.Tensor:
-        """Stacked keys, built on first use (only key-based scores such as KNorm read them)."""
-        if self._keys is None:
-            self._keys = torch.cat([layer.keys for layer in self.layers])
-        return self._keys
+    def num_kv_heads(self) -> int:
+        return self.valid.shape[1]
 
     @property
-    def physical_length(self) -> int:
-        return self.positions.shape[-1]
+    def order(self) -> torch.Tensor | None:
+        return None if self._ordered else order_keys(self.positions)
+
+    def cached_keys(self) -> torch.Tensor:
+        return torch.cat([layer.cached_keys() for layer in self.layers])
+
+    def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        return torch.cat([layer.per_layer(key, make) for layer in self.layers])
 
     def split(self, keep: torch.Tensor) -> list[torch.Tensor]:
-        """Per-layer slices of a stacked selection ``[n * B, H, k]``."""
+        """Per-layer slices of a stacked keep mask ``[n * B, H, slots]``."""
         return list(keep.chunk(len(self.layers), dim=0))
 
 
-def members(layer) -> list:
-    """The layers behind ``layer``: the stacked ones for a ``LayerStack``, else ``[layer]``."""
-    return layer.layers if isinstance(layer, LayerStack) else [layer]
+class RowView:
+    """``LayerView`` of one batch row of a layer (a row whose budget differs from the other rows')."""
+
+    def __init__(self, layer: CompressedLayer, row: int) -> None:
+        self.layer, self.row = layer, row
+        rows = slice(row, row + 1)
+        self.policy = layer.policy
+        self.seen = layer.seen
+        self.context_lengths = layer.context_lengths[rows]
+        self.aligned = layer.aligned
+        self.positions, self.valid, self.start = layer.positions[rows], layer.valid[rows], layer.start[rows]
+        self.state = {name: t[rows] for name, t in layer.state.items()}
+        order = layer.order
+        self.order = None if order is None else order[rows]
+        self.rank, self.num_compressed_layers = layer.rank, layer.num_compressed_layers
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.valid.shape[1]
+
+    def cached_keys(self) -> torch.Tensor:
+        return self.layer.cached_keys()[self.row : self.row + 1]
+
+    def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
+        return self.layer.per_layer(key, make)[:1]
+
+    def generator(self, seed: int) -> torch.Generator:
+        return self.layer.generator(seed)
 
 
 def batchable(policy) -> bool:
-    """True when ``policy.select`` may run on a ``LayerStack``."""
+    """True when ``policy.keep_mask`` may run on a ``LayerStack``."""
     return bool(getattr(policy, "batchable", False))
 
 
-def _group_key(layer: CompressedLayer, budget: int) -> tuple:
-    keys = layer.keys
-    names = tuple(sorted((name, tuple(t.shape)) for name, t in layer.state.items()))
-    return (id(layer.policy), budget, layer.context_length, tuple(keys.shape), keys.device, keys.dtype, names)
+def _group_key(layer: CompressedLayer, budgets: tuple[int, ...]) -> tuple:
+    names = tuple(sorted((name, tuple(t.shape[:-1])) for name, t in layer._state.items()))
+    shape = (*layer.valid.shape, layer.key_dim, layer.value_dim)
+    return (id(layer.policy), budgets, layer.context_lengths, shape, layer.device, layer.dtype, names)
 
 
-def evict(pending: Sequence[tuple[CompressedLayer, int]], batched: bool = True) -> None:
-    """Cut every ``(layer, budget)`` back to its budget, one ``select`` per group of same-shape layers."""
+def select(layer, budgets: tuple[int, ...]) -> torch.Tensor:
+    """Keep mask of one layer: one selection, or one per row when the rows' budgets differ."""
+    policy = layer.policy
+    if len(set(budgets)) == 1:
+        return policy.keep_mask(layer, budgets[0])
+    return torch.cat([policy.keep_mask(RowView(layer, b), budget) for b, budget in enumerate(budgets)])
+
+
+def evict(pending: Sequence[tuple[CompressedLayer, tuple[int, ...]]], batched: bool = True) -> None:
+    """Cut every ``(layer, row budgets)`` back to its budgets, one selection per group of same-shape layers."""
     groups: dict[tuple, list] = {}
-    for layer, budget in pending:
-        groups.setdefault(_group_key(layer, budget), []).append(layer)
+    for layer, budgets in pending:
+        groups.setdefault(_group_key(layer, budgets), []).append(layer)
     for key, layers in groups.items():
-        budget, policy = key[1], layers[0].policy
-        if batched and len(layers) > 1 and batchable(policy):
+        budgets, policy = key[1], layers[0].policy
+        if batched and len(layers) > 1 and batchable(policy) and len(set(budgets)) == 1:
             with PROFILER.section("select"):
                 stack = LayerStack(layers)
-                keeps = stack.split(policy.select(stack, budget))
+                keeps = stack.split(policy.keep_mask(stack, budgets[0]))
         else:
             keeps = []
             for layer in layers:
                 with PROFILER.section("select"):
-                    keeps.append(policy.select(layer, budget))
+                    keeps.append(select(layer, budgets))
         with PROFILER.section("gather"):
             for layer, keep in zip(layers, keeps, strict=True):
-                layer.prune(keep)
+                layer.keep(keep, layer.reserve_after_cut(budgets))

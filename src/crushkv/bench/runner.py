@@ -156,14 +156,15 @@ def expected_tokens(spec: str, length: int, step: int) -> int:
     seen = length + step
     if not getattr(policy, "compresses", True) or policy.budget is None:
         return seen
-    budget = resolve_budget(policy.budget, length, policy.min_budget(), spec)
+    budget = resolve_budget(policy.budget, length, policy.min_budget())
     if getattr(policy, "additive", False):
         budget += policy.crush_tokens(budget)
     return min(seen, budget if policy.phase == "decode" else budget + step)
 
 
 def byte_check(run: GenerationRun) -> dict[str, Any]:
-    """Real storage held after every step vs. the budget's share of an uncompressed cache at that step.
+    """Tokens held after every step vs. the budget's share of an uncompressed cache at that step, and the real
+    storage over the tokens held (the store's slack: a dense store's reserve and growth step, page rounding).
 
     Assumes every layer is compressed with the same nominal budget (true for the supported full-attention models;
     PyramidKV's layer budgets average to it).
@@ -173,11 +174,14 @@ def byte_check(run: GenerationRun) -> dict[str, Any]:
     seen_end = run.prompt_tokens + len(run.nbytes_trace) - 1
     per_token = run.full_nbytes / seen_end
     deviations = []
-    for step, held in enumerate(run.nbytes_trace):
+    held_trace = run.logical_trace or run.nbytes_trace
+    for step, held in enumerate(held_trace):
         expected = per_token * expected_tokens(run.policy, run.prompt_tokens, step)
         deviations.append(held / expected - 1.0)
     worst = max(deviations, key=abs)
+    overhead = [real / held - 1.0 for real, held in zip(run.nbytes_trace, held_trace) if held]
     return {
+        "storage_overhead_max": max(overhead, default=0.0),
         "expected_max_nbytes": per_token * expected_tokens(run.policy, run.prompt_tokens, len(run.nbytes_trace) - 1),
         "bytes_vs_expected_max_dev": worst,
         "bytes_steps_checked": len(deviations),

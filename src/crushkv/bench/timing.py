@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from crushkv.api import cache_kwargs, compress
-from crushkv.policies import AnyPolicy, parse_policy
+from crushkv.policies import Policy, parse_policy
 from crushkv.profiling import PROFILER
 
 
@@ -30,6 +30,8 @@ class GenerationRun:
     sections: dict[str, float] = field(default_factory=dict)
     #: real K/V storage bytes after the prefill and after every decode step (``new_tokens`` entries)
     nbytes_trace: list[int] = field(default_factory=list, repr=False)
+    #: bytes of the tokens held at the same points (what the budget governs; storage adds the store's slack)
+    logical_trace: list[int] = field(default_factory=list, repr=False)
     #: bytes of the K/V tensors' elements at the end (kept slots x heads x dim), to compare with ``nbytes``
     logical_nbytes: int = 0
     #: profiler seconds spent during the prefill alone (a snapshot of ``sections`` after the first forward)
@@ -58,7 +60,7 @@ def _sync(device: torch.device) -> None:
 def timed_generation(
     model,
     input_ids: torch.Tensor,
-    policy: str | AnyPolicy,
+    policy: str | Policy,
     new_tokens: int,
     profile: bool = False,
     defer_bytes: int | None = None,
@@ -80,15 +82,16 @@ def timed_generation(
         prefill = time.perf_counter() - start
         prefill_sections = dict(prof.seconds) if prof is not None else {}
         generated = [int(token)]
-        trace = [cache.nbytes()]
-        start = time.perf_counter()
+        trace, logical = [cache.nbytes()], [cache.logical_nbytes()]
+        decode = 0.0
         for _ in range(new_tokens - 1):
+            start = time.perf_counter()
             out = model(token, **cached)
             token = out.logits[:, -1:].argmax(-1)
-            generated.append(int(token))
-            trace.append(cache.nbytes())
-        _sync(device)
-        decode = time.perf_counter() - start
+            generated.append(int(token))  # a host sync: the step is over
+            decode += time.perf_counter() - start
+            trace.append(cache.nbytes())  # sampled outside the timed step
+            logical.append(cache.logical_nbytes())
         sections = dict(prof.seconds) if prof is not None else {}
         return GenerationRun(
             policy=policy.spec,
@@ -103,15 +106,7 @@ def timed_generation(
             output_ids=generated,
             sections=sections,
             nbytes_trace=trace,
-            logical_nbytes=logical_nbytes(cache),
+            logical_trace=logical,
+            logical_nbytes=cache.logical_nbytes(),
             prefill_sections=prefill_sections,
         )
-
-
-def logical_nbytes(cache) -> int:
-    """Bytes of the K/V elements a cache holds (``numel x element size``), whatever storage backs them."""
-    total = 0
-    for layer in cache.layers:
-        if layer.is_initialized:
-            total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
-    return total

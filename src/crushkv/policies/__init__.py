@@ -1,8 +1,10 @@
 """Policy registry and spec strings.
 
-A spec is ``name[+kvcrush][:key=value,...]``, e.g. ``h2o:budget=512,recent=32`` or
+A spec is ``host[+adakv][+kvcrush][:key=value,...]``, e.g. ``h2o:budget=512,recent=32`` or
 ``snapkv+kvcrush:budget=1024,crush=0.25,anchor=alternate,granularity=block,block=32``. Integers are token counts,
-floats are ratios/fractions, ``true``/``false`` are booleans.
+floats are ratios/fractions, ``true``/``false`` are booleans. Each key goes to the first of host, ``adakv``,
+``kvcrush`` that has it; ``kvcrush.seed=`` names the part explicitly (``random+kvcrush`` has a ``seed`` in both).
+A key given twice is an error.
 """
 
 from __future__ import annotations
@@ -11,18 +13,30 @@ import dataclasses
 import typing
 
 from crushkv.policies import full, h2o, knorm, pyramidkv, random, snapkv, streaming, tova  # noqa: F401  (registration)
-from crushkv.policies.base import REGISTRY, Policy, Stats, StatsRequest
-from crushkv.policies.kvcrush import KVCRUSH_FIELDS, KVCrush
+from crushkv.policies.adakv import AdaKV
+from crushkv.policies.base import REGISTRY, Host, Policy, Wrapper
+from crushkv.policies.kvcrush import KVCrush
 
-AnyPolicy = Policy | KVCrush
-#: KVCrush compresses at every decoding step by default, like H2O (OpenVINO GenAI's schedule)
-KVCRUSH_DEFAULT_PHASE = "decode"
+#: wrappers in the order they nest (inner first): ``snapkv+adakv+kvcrush`` is KVCrush(AdaKV(SnapKV))
+WRAPPERS: dict[str, type[Wrapper]] = {"adakv": AdaKV, "kvcrush": KVCrush}
+#: keys ``full`` accepts (it keeps everything; only where it keeps it can be chosen)
+STORAGE_KEYS = ("store", "page")
 
-__all__ = ["REGISTRY", "AnyPolicy", "KVCrush", "Policy", "Stats", "StatsRequest", "available_policies", "parse_policy"]
+__all__ = [
+    "REGISTRY",
+    "WRAPPERS",
+    "AdaKV",
+    "Host",
+    "KVCrush",
+    "Policy",
+    "Wrapper",
+    "available_policies",
+    "parse_policy",
+]
 
 
 def available_policies() -> list[str]:
-    """Registered host policy names (each also combines as ``<name>+kvcrush`` except ``full``)."""
+    """Registered host policy names (each also combines as ``<name>+kvcrush`` / ``+adakv`` except ``full``)."""
     return sorted(REGISTRY)
 
 
@@ -52,7 +66,7 @@ def _convert(raw: str, annotation: object, key: str, where: str) -> object:
         if "str" in names:  # a number or a keyword (``interval=auto``); the policy validates the keyword
             return text.lower()
         raise ValueError(f"{where}: {key} must be a number, got {raw!r}") from None
-    return text
+    return text.lower() if key in ("store", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
 
 
 def _annotations(cls: type) -> dict[str, object]:
@@ -60,42 +74,60 @@ def _annotations(cls: type) -> dict[str, object]:
     return {name: hints[name] for name in _field_names(cls)}
 
 
-def parse_policy(spec: str | AnyPolicy) -> AnyPolicy:
+def parse_policy(spec: str | Policy) -> Policy:
     """Build a policy from a spec string (a policy object is returned unchanged).
 
     Raises ``ValueError`` listing the valid names or keys when the spec names something unknown.
     """
-    if isinstance(spec, (Policy, KVCrush)):
+    if isinstance(spec, Policy):
         return spec
     if not isinstance(spec, str) or not spec.strip():
         raise ValueError(f"a policy spec must be a non-empty string, got {spec!r}")
     head, _, tail = spec.strip().partition(":")
     names = [n.strip().lower() for n in head.split("+")]
     host_name, wrappers = names[0], names[1:]
-    if host_name == "kvcrush":
-        raise ValueError("kvcrush wraps a host policy: write e.g. 'h2o+kvcrush:budget=512,crush=384'")
+    if host_name in WRAPPERS:
+        raise ValueError(f"{host_name} wraps a host policy: write e.g. 'h2o+{host_name}:budget=512'")
     if host_name not in REGISTRY:
         raise ValueError(f"unknown policy {host_name!r}; valid policies: {', '.join(available_policies())}")
-    if wrappers not in ([], ["kvcrush"]):
-        raise ValueError(f"unknown policy combination {head!r}; the only wrapper is '+kvcrush' (e.g. snapkv+kvcrush)")
+    known = list(WRAPPERS)
+    if any(w not in WRAPPERS for w in wrappers) or wrappers != sorted(set(wrappers), key=known.index):
+        raise ValueError(
+            f"unknown policy combination {head!r}; wrappers are {' and '.join('+' + w for w in known)}, "
+            "each at most once and in that order (e.g. snapkv+adakv+kvcrush)"
+        )
     host_cls = REGISTRY[host_name]
-    host_types = _annotations(host_cls)
-    crush_types = {k: v for k, v in _annotations(KVCrush).items() if k in KVCRUSH_FIELDS} if wrappers else {}
-    host_kwargs: dict[str, object] = {}
-    crush_kwargs: dict[str, object] = {}
+    layers: list[tuple[str, dict[str, object]]] = [(host_name, _annotations(host_cls))]
+    layers += [(w, _annotations(WRAPPERS[w])) for w in wrappers]
+    if not host_cls.compresses:
+        layers[0] = (host_name, {k: v for k, v in layers[0][1].items() if k in STORAGE_KEYS})
+    kwargs: dict[str, dict[str, object]] = {name: {} for name, _ in layers}
+    given: set[str] = set()
     for item in filter(None, (p.strip() for p in tail.split(","))):
         key, eq, value = item.partition("=")
         key = key.strip().lower()
         if not eq:
             raise ValueError(f"{head}: expected key=value, got {item!r}")
-        if key in host_types:
-            host_kwargs[key] = _convert(value, host_types[key], key, head)
-        elif key in crush_types:
-            crush_kwargs[key] = _convert(value, crush_types[key], key, head)
-        else:
-            valid = sorted(set(host_types) | set(crush_types))
+        if key in given:
+            raise ValueError(f"{head}: key {key!r} given twice")
+        given.add(key)
+        part, dot, field = key.rpartition(".")
+        if dot:
+            owner = next(((name, types) for name, types in layers if name == part and field in types), None)
+            if owner is None:
+                raise ValueError(f"{head}: unknown key {key!r} (no part {part!r} with a key {field!r})")
+            name, types = owner
+            kwargs[name][field] = _convert(value, types[field], field, head)
+            continue
+        owner = next(((name, types) for name, types in layers if key in types), None)
+        if owner is None:
+            if not host_cls.compresses:
+                raise ValueError(f"{host_name} keeps every token: it takes no {key!r} (only {', '.join(STORAGE_KEYS)})")
+            valid = sorted({k for _, types in layers for k in types})
             raise ValueError(f"{head}: unknown key {key!r}; valid keys: {', '.join(valid)}")
-    if wrappers and "phase" not in host_kwargs:
-        host_kwargs["phase"] = KVCRUSH_DEFAULT_PHASE
-    host = host_cls(**host_kwargs)
-    return KVCrush(host=host, **crush_kwargs) if wrappers else host
+        name, types = owner
+        kwargs[name][key] = _convert(value, types[key], key, head)
+    policy: Policy = host_cls(**kwargs[host_name])
+    for w in wrappers:
+        policy = WRAPPERS[w](host=policy, **kwargs[w])
+    return policy

@@ -1,94 +1,53 @@
 """The policy contract: what a compression method asks from the attention pass and how it ranks cache slots.
 
-A policy never touches cache tensors. The cache layer calls, per layer and per forward pass:
+A policy reads a layer only through ``LayerView`` (``crushkv.view``). The cache calls, per layer and forward pass:
 
 1. ``request(first, q_len)``: which attention statistics to compute (none, some query rows, the last row);
-2. ``observe(layer, stats, first)``: fold them into slot-aligned state (``layer.state``), e.g. H2O's running sums;
-3. ``budget_for(layer)``: how many slots the layer may keep; if it holds more, ``select(layer, budget)`` returns the
-   slot indices ``[B, kv_heads, budget]`` to keep and the layer gathers them (real memory is freed).
+2. ``observe(layer, stats, first)``: fold them into slot-aligned state (``layer.accumulate`` / ``set_state``);
+3. ``budget_for(view)``: how many slots each batch row may keep; if a row holds more, ``keep_mask(view, budget)``
+   returns the boolean ``[B, kv_heads, n]`` mask of slots to keep and the layer frees the others.
 
-A new scoring method is one subclass overriding ``head_scores`` (and ``request``/``observe`` if it needs attention),
-plus ``@register``.
+Hosts (scoring methods) subclass ``Host``: a new one is one file overriding ``head_scores`` (and ``request`` /
+``observe`` if it needs attention) with ``@register``, imported in ``policies/__init__.py``. Wrappers (KVCrush,
+Ada-KV) subclass ``Wrapper`` and hold the policy they refine as ``host``.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
-from crushkv.selection import select_topk
-
-if TYPE_CHECKING:
-    from crushkv.cache import CompressedLayer
+from crushkv.selection import forced_mask, priority, top_mask
+from crushkv.stats import Stats, StatsRequest
+from crushkv.stores import STORES
+from crushkv.view import LayerView
 
 PHASES = ("prefill", "decode")
-ALL_ROWS = -1
-#: prompt rows always scored exactly when a ``StatsRequest`` samples rows with ``stride > 1``
-TAIL_ROWS = 64
 #: ``interval=auto``: a layer with budget ``b`` is cut back every ``1 + b // AUTO_INTERVAL_DIVISOR`` decode tokens
 AUTO = "auto"
 AUTO_INTERVAL_DIVISOR = 64
 
-
-@dataclass(frozen=True)
-class StatsRequest:
-    """Attention statistics a policy needs from one forward pass of a layer.
-
-    ``rows``: ``None`` for no column sums, ``ALL_ROWS`` for every query row, ``w > 0`` for the last ``w`` rows.
-    ``last``: also return the attention row of the last query.
-    ``stride``: with ``ALL_ROWS`` on an unpadded causal prompt, estimate the column sums from every ``stride``-th
-    query row (weighted by ``stride``) plus the last ``TAIL_ROWS`` rows exactly; 1 = exact.
-    """
-
-    rows: int | None = None
-    last: bool = False
-    stride: int = 1
-
-    @property
-    def empty(self) -> bool:
-        return self.rows is None and not self.last
+REGISTRY: dict[str, type[Host]] = {}
 
 
-@dataclass
-class Stats:
-    """Statistics from one forward pass, slot-aligned with the layer after this pass's keys were appended.
-
-    ``colsum``: ``[B, kv_heads, group, L]`` sum of attention probabilities over the requested (non-padding) rows,
-    one entry per query head (grouped under its KV head). ``count``: ``[B, kv_heads, L]`` number of those rows that
-    could see each slot. ``last``: ``[B, kv_heads, group, L]`` probabilities of the last query row.
-    """
-
-    colsum: torch.Tensor | None = None
-    count: torch.Tensor | None = None
-    last: torch.Tensor | None = None
-
-
-REGISTRY: dict[str, type[Policy]] = {}
-
-
-def register(cls: type[Policy]) -> type[Policy]:
-    """Class decorator adding a policy to the name registry used by spec strings."""
+def register(cls: type[Host]) -> type[Host]:
+    """Class decorator adding a host policy to the name registry used by spec strings."""
     if cls.name in REGISTRY:
         raise ValueError(f"policy {cls.name!r} registered twice")
     REGISTRY[cls.name] = cls
     return cls
 
 
-@dataclass
 class Policy:
-    """Base class of host (importance) policies.
+    """What the cache needs from any policy, host or wrapper (wrappers answer the configuration from their host).
 
-    ``budget``: tokens kept per layer and KV head (int) or a fraction of the context length at the first
-    compression (float in (0, 1]); it counts every kept token, sink and recent included.
-    ``sink``: first tokens always kept. ``recent``: last tokens always kept.
-    ``phase``: ``prefill`` compresses once after the prompt; ``decode`` cuts back to the budget after every forward.
-    ``interval`` (decode phase): cut back only once ``interval`` tokens have been added since the last cut, so the
-    cache holds at most ``budget + interval - 1`` tokens and the selection cost is paid once per ``interval`` steps.
-    ``interval=auto`` scales it with the layer's budget, ``1 + budget // 64``: the cache never holds more than
-    ``budget / 64`` (1.6 %) extra tokens, and long contexts (large budgets) select least often.
+    ``budget``: tokens kept per layer and KV head (int) or a fraction of each batch row's prompt (float in (0, 1]);
+    it counts every kept token, sink and recent included. ``phase``: ``prefill`` cuts once after the prompt,
+    ``decode`` after every forward (every ``interval`` tokens). ``store``: ``dense`` or ``paged`` (``page`` tokens per
+    page).
     """
 
     name: ClassVar[str] = ""
@@ -97,45 +56,20 @@ class Policy:
     shared: ClassVar[bool] = False
     #: False for ``full``: the policy never evicts and takes no budget
     compresses: ClassVar[bool] = True
-    #: False when ``select`` depends on the layer itself (index, per-layer generator): no cross-layer batching
+    #: False when selection depends on the layer itself (index, per-layer generator): no cross-layer batching
     batchable: ClassVar[bool] = True
+    #: True when per-head kept counts may differ (Ada-KV): a dense store pads to the largest head
+    ragged: ClassVar[bool] = False
 
-    budget: int | float | None = None
-    sink: int = 4
-    recent: int = 32
-    phase: str = ""
-    interval: int | str = 1
-
-    def __post_init__(self) -> None:
-        if not self.phase:
-            self.phase = self.default_phase
-        self.validate()
+    budget: int | float | None
+    sink: int
+    recent: int
+    phase: str
+    interval: int | str
+    store: str
+    page: int
 
     # ------------------------------------------------------------------ configuration
-    def validate(self) -> None:
-        """Raise ``ValueError`` for inconsistent settings (checked at construction)."""
-        if self.phase not in PHASES:
-            raise ValueError(f"{self.name}: phase must be one of {PHASES}, got {self.phase!r}")
-        if self.sink < 0 or self.recent < 0:
-            raise ValueError(f"{self.name}: sink and recent must be >= 0")
-        if self.interval != AUTO and (
-            isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1
-        ):
-            raise ValueError(f"{self.name}: interval must be an int >= 1 or '{AUTO}', got {self.interval!r}")
-        if not self.compresses:
-            return
-        if self.budget is None:
-            raise ValueError(f"{self.name}: a budget is required, e.g. {self.name}:budget=512 or budget=0.25")
-        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
-            raise ValueError(f"{self.name}: budget must be an int (tokens) or a float ratio, got {self.budget!r}")
-        if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
-            raise ValueError(f"{self.name}: a float budget is a ratio of the context in (0, 1], got {self.budget}")
-        if isinstance(self.budget, int) and self.budget < self.min_budget():
-            raise ValueError(
-                f"{self.name}: budget={self.budget} is smaller than sink+recent={self.min_budget()} "
-                f"(sink={self.sink}, recent={self.recent}); raise the budget or lower sink/recent"
-            )
-
     def interval_for(self, budget: int) -> int:
         """Decode tokens added between two cuts of a layer whose budget is ``budget`` (resolves ``auto``)."""
         return 1 + budget // AUTO_INTERVAL_DIVISOR if self.interval == AUTO else int(self.interval)
@@ -144,52 +78,60 @@ class Policy:
         """Smallest per-layer budget that still holds the always-kept tokens."""
         return self.sink + self.recent
 
+    def with_default_phase(self, phase: str) -> Policy:
+        """This policy with ``phase`` unless the user set one (a wrapper's default phase reaches its host)."""
+        raise NotImplementedError
+
     @property
     def spec(self) -> str:
         """Canonical spec string (every field, so result files are self-describing)."""
-        return f"{self.name}:{format_fields(self)}" if self.compresses else self.name
+        raise NotImplementedError
+
+    def notes(self) -> list[str]:
+        """Behaviour a user may not expect from the spec alone (shown by the CLI and the cache summary)."""
+        notes = []
+        if self.compresses and self.phase == "prefill":
+            notes.append(
+                "phase=prefill: the prompt is cut to the budget once; generated tokens are appended without "
+                "eviction, so the cache grows past the budget (phase=decode keeps it at the budget)"
+            )
+        return notes
 
     # ------------------------------------------------------------------ runtime hooks
     def request(self, first: bool, q_len: int) -> StatsRequest:
         """Statistics needed from this forward pass (``first``: the first pass of this cache, i.e. the prompt)."""
         return StatsRequest()
 
-    def observe(self, layer: CompressedLayer, stats: Stats, first: bool) -> None:
-        """Fold this pass's statistics into ``layer.state``."""
+    def observe(self, layer, stats: Stats, first: bool) -> None:
+        """Fold this pass's statistics into the layer's state."""
 
-    def head_scores(self, layer: CompressedLayer) -> torch.Tensor:
-        """Importance of every slot, ``[B, kv_heads, group, L]`` (``group`` may be 1): higher is kept first."""
+    def head_scores(self, view: LayerView) -> torch.Tensor:
+        """Importance of every slot, ``[B, kv_heads, group, n]`` (``group`` may be 1): higher is kept first."""
         raise NotImplementedError
 
-    def budget_for(self, layer: CompressedLayer) -> int:
-        """Slots this layer may keep (resolves a ratio against the context length at the first compression)."""
-        return resolve_budget(self.budget, layer.context_length, self.min_budget(), self.name)
-
-    def host_priority_scores(self, layer: CompressedLayer) -> torch.Tensor:
-        """Scores reduced to the selection granularity: ``[B, kv_heads, L]`` or ``[B, 1, L]`` when shared."""
-        scores = self.head_scores(layer).float().mean(2)
+    def host_priority_scores(self, view: LayerView) -> torch.Tensor:
+        """Scores reduced to the selection granularity: ``[B, kv_heads, n]`` or ``[B, 1, n]`` when shared."""
+        scores = self.head_scores(view).float().mean(2)
         return scores.mean(1, keepdim=True) if self.shared else scores
 
-    def select(self, layer: CompressedLayer, budget: int) -> torch.Tensor:
-        """Slot indices ``[B, kv_heads, budget]`` to keep, ascending."""
-        scores = self.host_priority_scores(layer)
-        valid = layer.valid[:, : scores.shape[1]]
-        keep = select_topk(scores, budget, valid, self.sink, self.recent)
-        return keep.expand(-1, layer.num_heads, -1) if self.shared else keep
+    def budget_for(self, view: LayerView) -> tuple[int, ...]:
+        """Slots each batch row of ``view`` may keep (per KV head; ratios resolve against each row's prompt)."""
+        return tuple(resolve_budget(self.budget, n, self.min_budget()) for n in view.context_lengths)
+
+    def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
+        """Boolean ``[B, kv_heads, n]`` mask of the ``budget`` slots to keep per row (all valid ones if fewer)."""
+        raise NotImplementedError
 
 
-def resolve_budget(budget: int | float | None, context: int, floor: int, name: str) -> int:
-    """Token budget for a layer: ints as is, ratios of ``context`` rounded, never below ``floor``."""
+def resolve_budget(budget: int | float | None, context: int, floor: int) -> int:
+    """Token budget of a layer: ints as is, ratios of ``context`` rounded and raised to ``floor`` (sink + recent).
+
+    A prompt shorter than the always-kept tokens is therefore not compressed at all, whatever the ratio.
+    """
     if budget is None:
-        raise ValueError(f"{name}: no budget")
+        raise ValueError("no budget")
     if isinstance(budget, float):
-        tokens = round(budget * context)
-        if tokens < floor:
-            raise ValueError(
-                f"{name}: budget={budget} of a {context}-token context is {tokens} tokens, fewer than the "
-                f"{floor} always-kept sink+recent tokens; use a larger ratio or a longer context"
-            )
-        return tokens
+        return max(round(budget * context), floor)
     return int(budget)
 
 
@@ -206,3 +148,172 @@ def format_fields(obj: object, skip: tuple[str, ...] = ()) -> str:
             value = str(value).lower()
         parts.append(f"{f.name}={value}")
     return ",".join(parts)
+
+
+@dataclass
+class Host(Policy):
+    """Base class of host (importance) policies: the configuration fields every spec shares."""
+
+    budget: int | float | None = None
+    sink: int = 4
+    recent: int = 32
+    phase: str = ""
+    interval: int | str = 1
+    store: str = field(default="dense", metadata={"omit_default": True})
+    page: int = field(default=16, metadata={"omit_default": True})
+
+    def __post_init__(self) -> None:
+        # not fields: equality and specs see the resolved phase only
+        self.explicit_phase = bool(self.phase)
+        self.phase_from_wrapper = False
+        if not self.phase:
+            self.phase = self.default_phase
+        self.validate()
+
+    def with_default_phase(self, phase: str) -> Policy:
+        if self.explicit_phase:
+            return self
+        wrapped = dataclasses.replace(self, phase=phase)
+        wrapped.explicit_phase, wrapped.phase_from_wrapper = False, phase != self.default_phase
+        return wrapped
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` for inconsistent settings (checked at construction)."""
+        if self.phase not in PHASES:
+            raise ValueError(f"{self.name}: phase must be one of {PHASES}, got {self.phase!r}")
+        if self.sink < 0 or self.recent < 0:
+            raise ValueError(f"{self.name}: sink and recent must be >= 0")
+        if self.interval != AUTO and (
+            isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1
+        ):
+            raise ValueError(f"{self.name}: interval must be an int >= 1 or '{AUTO}', got {self.interval!r}")
+        if self.store not in STORES:
+            raise ValueError(f"{self.name}: store must be one of {', '.join(STORES)}, got {self.store!r}")
+        if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
+            raise ValueError(f"{self.name}: page must be an int >= 1 (tokens per page), got {self.page!r}")
+        if not self.compresses:
+            if self.budget is not None:
+                raise ValueError(f"{self.name} keeps every token and takes no budget; remove budget={self.budget}")
+            return
+        if self.budget is None:
+            raise ValueError(f"{self.name}: a budget is required, e.g. {self.name}:budget=512 or budget=0.25")
+        if isinstance(self.budget, bool) or not isinstance(self.budget, (int, float)):
+            raise ValueError(f"{self.name}: budget must be an int (tokens) or a float ratio, got {self.budget!r}")
+        if isinstance(self.budget, float) and not 0.0 < self.budget <= 1.0:
+            raise ValueError(f"{self.name}: a float budget is a ratio of the context in (0, 1], got {self.budget}")
+        if isinstance(self.budget, int) and self.budget < 1:
+            raise ValueError(f"{self.name}: budget must be at least 1 token, got {self.budget}")
+        if isinstance(self.budget, int) and self.budget < self.min_budget():
+            raise ValueError(
+                f"{self.name}: budget={self.budget} is smaller than sink+recent={self.min_budget()} "
+                f"(sink={self.sink}, recent={self.recent}); raise the budget or lower sink/recent"
+            )
+
+    @property
+    def spec(self) -> str:
+        return f"{self.name}:{format_fields(self)}" if self.compresses else _storage_spec(self)
+
+    def priorities(self, view: LayerView) -> torch.Tensor:
+        """``[B, kv_heads or 1, n]`` host scores with forced slots at +inf and invalid ones at -inf."""
+        scores = self.host_priority_scores(view)
+        heads = scores.shape[1]
+        valid, positions = view.valid[:, :heads], view.positions[:, :heads]
+        forced = forced_mask(positions, valid, view.start, view.seen, self.sink, self.recent)
+        return priority(scores, forced, valid)
+
+    def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
+        prio = self.priorities(view)
+        heads = prio.shape[1]
+        keep = top_mask(prio, budget, None if view.order is None else view.order[:, :heads]) & view.valid[:, :heads]
+        return keep.expand(-1, view.num_kv_heads, -1) if self.shared else keep
+
+
+def _storage_spec(policy: Host) -> str:
+    """``full`` with only its storage options (``full`` or ``full:store=paged,page=16``)."""
+    fields = format_fields(policy, skip=("budget", "sink", "recent", "phase", "interval"))
+    return f"{policy.name}:{fields}" if fields else policy.name
+
+
+@dataclass
+class Wrapper(Policy):
+    """A policy refining another one (``host``): the configuration and the scoring come from the host."""
+
+    host: Policy
+
+    def __post_init__(self) -> None:
+        if self.default_phase_override:
+            self.host = self.host.with_default_phase(self.default_phase)
+        self.validate()
+
+    #: True when this wrapper's ``default_phase`` replaces the host's default (KVCrush); False keeps the host's
+    default_phase_override: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        if not isinstance(self.host, Policy) or not self.host.compresses:
+            raise ValueError(f"{self.name} wraps a compressing host policy, e.g. h2o+{self.name} or snapkv+{self.name}")
+
+    def with_default_phase(self, phase: str) -> Policy:
+        return dataclasses.replace(self, host=self.host.with_default_phase(phase))
+
+    # configuration delegated to the host
+    budget = property(lambda self: self.host.budget)
+    sink = property(lambda self: self.host.sink)
+    recent = property(lambda self: self.host.recent)
+    phase = property(lambda self: self.host.phase)
+    interval = property(lambda self: self.host.interval)
+    store = property(lambda self: self.host.store)
+    page = property(lambda self: self.host.page)
+
+    @property
+    def batchable(self) -> bool:  # type: ignore[override]
+        return self.host.batchable
+
+    @property
+    def shared(self) -> bool:  # type: ignore[override]
+        return self.host.shared
+
+    @property
+    def ragged(self) -> bool:  # type: ignore[override]
+        return self.host.ragged
+
+    def interval_for(self, budget: int) -> int:
+        return self.host.interval_for(budget)
+
+    def min_budget(self) -> int:
+        return self.host.min_budget()
+
+    @property
+    def spec(self) -> str:
+        head, _, fields = self.host.spec.partition(":")
+        inner = {part.partition("=")[0] for part in fields.split(",")}
+        # a key an inner part also has is written ``name.key`` so the spec parses back to the same policy
+        own = [
+            f"{self.name}.{p}" if p.partition("=")[0] in inner else p
+            for p in format_fields(self, skip=("host",)).split(",")
+            if p
+        ]
+        return f"{head}+{self.name}:{','.join(p for p in (fields, *own) if p)}"
+
+    def notes(self) -> list[str]:
+        return self.host.notes()
+
+    def request(self, first: bool, q_len: int) -> StatsRequest:
+        return self.host.request(first, q_len)
+
+    def observe(self, layer, stats: Stats, first: bool) -> None:
+        self.host.observe(layer, stats, first)
+
+    def head_scores(self, view: LayerView) -> torch.Tensor:
+        return self.host.head_scores(view)
+
+    def host_priority_scores(self, view: LayerView) -> torch.Tensor:
+        return self.host.host_priority_scores(view)
+
+    def budget_for(self, view: LayerView) -> tuple[int, ...]:
+        return self.host.budget_for(view)
+
+    def priorities(self, view: LayerView) -> torch.Tensor:
+        return self.host.priorities(view)  # type: ignore[attr-defined]
+
+    def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
+        return self.host.keep_mask(view, budget)

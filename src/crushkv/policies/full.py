@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from crushkv.policies.base import Policy, register
+from crushkv.policies.base import Host, register
 
 
 @register
 @dataclass
-class Full(Policy):
+class Full(Host):
     """Keeps every token; the cache behaves like ``DynamicCache`` (useful as a baseline in the same code path)."""
 
     name = "full"

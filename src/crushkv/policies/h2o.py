@@ -6,14 +6,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from crushkv.policies.base import ALL_ROWS, Policy, Stats, StatsRequest, register
+from crushkv.policies.base import Host, register
+from crushkv.stats import ALL_ROWS, Stats, StatsRequest
 
 NORMS = ("raw", "lifetime")
 
 
 @register
 @dataclass
-class H2O(Policy):
+class H2O(Host):
     """Sum of the attention every query paid to a token, accumulated over prefill and decoding.
 
     ``norm=raw`` is the original H2O score; ``norm=lifetime`` divides by the number of queries that could see the
@@ -33,15 +34,15 @@ class H2O(Policy):
             raise ValueError(f"h2o: stride must be an int >= 1 (1 = exact statistics), got {self.stride!r}")
 
     def request(self, first: bool, q_len: int) -> StatsRequest:
-        return StatsRequest(rows=ALL_ROWS, stride=self.stride if first else 1)
+        return StatsRequest(rows=ALL_ROWS, count=self.norm == "lifetime", stride=self.stride if first else 1)
 
     def observe(self, layer, stats: Stats, first: bool) -> None:
         layer.accumulate("score", stats.colsum)
         if self.norm == "lifetime":
             layer.accumulate("count", stats.count)
 
-    def head_scores(self, layer) -> torch.Tensor:
-        score = layer.state["score"]
+    def head_scores(self, view) -> torch.Tensor:
+        score = view.state["score"]
         if self.norm == "lifetime":
-            score = score / layer.state["count"].clamp(min=1)[:, :, None, :]
+            score = score / view.state["count"].clamp(min=1)[:, :, None, :]
         return score

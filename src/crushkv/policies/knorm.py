@@ -6,15 +6,15 @@ from dataclasses import dataclass
 
 import torch
 
-from crushkv.policies.base import Policy, register
+from crushkv.policies.base import Host, register
 
 
 @register
 @dataclass
-class KNorm(Policy):
+class KNorm(Host):
     """Score = minus the L2 norm of each cached key, per KV head."""
 
     name = "knorm"
 
-    def head_scores(self, layer) -> torch.Tensor:
-        return -layer.keys.float().norm(dim=-1)[:, :, None, :]
+    def head_scores(self, view) -> torch.Tensor:
+        return -view.cached_keys().float().norm(dim=-1)[:, :, None, :]

@@ -25,29 +25,29 @@ from crushkv.crush import (
     make_anchor,
     pick_representatives,
     representative_mask,
-    token_signatures,
 )
-from crushkv.layer_stack import members as stacked_layers
-from crushkv.policies.base import Policy, Stats, StatsRequest, format_fields, resolve_budget
+from crushkv.policies.base import Wrapper, resolve_budget
 from crushkv.profiling import PROFILER
-from crushkv.selection import forced_mask, mask_to_indices, priority, to_mask, top_mask, topk_slots
+from crushkv.selection import forced_mask, priority, to_mask, top_mask
+from crushkv.view import LayerView
 
 GRANULARITIES = ("token", "block")
 
 
 @dataclass
-class KVCrush:
+class KVCrush(Wrapper):
     """KVCrush wrapper. ``crush``: tokens (int) or fraction of the budget (float) given to representatives.
 
     ``additive=true`` adds the KVCrush share on top of the host budget instead (OpenVINO GenAI parity, where
     ``KVCrushConfig.budget`` is extra memory). ``pick``: representative rule (``bucket`` = first of each equal-size
     bucket, ``ovg`` = OpenVINO's ``i*floor(M/k)``, ``linspace`` = vLLM/OV-contrib). ``seed`` seeds the random anchor.
+    KVCrush cuts at every decoding step by default (OpenVINO GenAI's schedule), whatever its host's default.
     """
 
     name: ClassVar[str] = "kvcrush"
-    compresses: ClassVar[bool] = True
+    default_phase: ClassVar[str] = "decode"
+    default_phase_override: ClassVar[bool] = True
 
-    host: Policy
     crush: int | float = 0.25
     anchor: str = "random"
     granularity: str = "token"
@@ -56,16 +56,14 @@ class KVCrush:
     pick: str = "bucket"
     seed: int = 0
 
-    def __post_init__(self) -> None:
-        self.validate()
-
     def validate(self) -> None:
-        if not isinstance(self.host, Policy) or not self.host.compresses:
-            raise ValueError("kvcrush wraps a compressing host policy, e.g. h2o+kvcrush or snapkv+kvcrush")
+        super().validate()
         if self.anchor not in ANCHORS:
             raise ValueError(f"kvcrush: unknown anchor {self.anchor!r}; valid anchors: {', '.join(ANCHORS)}")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"kvcrush: granularity must be one of {GRANULARITIES}, got {self.granularity!r}")
+        if self.granularity == "block" and self.host.ragged:
+            raise ValueError("kvcrush: granularity=block keeps whole blocks for all heads; it cannot wrap +adakv")
         if self.pick not in PICK_RULES:
             raise ValueError(f"kvcrush: pick must be one of {PICK_RULES}, got {self.pick!r}")
         if self.block < 1:
@@ -85,133 +83,152 @@ class KVCrush:
                     f"{self.host.name}, fewer than its sink+recent={self.host.min_budget()}"
                 )
 
-    # ------------------------------------------------------------------ delegated configuration
     @property
-    def phase(self) -> str:
-        return self.host.phase
-
-    @property
-    def budget(self) -> int | float | None:
-        return self.host.budget
-
-    @property
-    def interval(self) -> int | str:
-        return self.host.interval
-
-    def interval_for(self, budget: int) -> int:
-        return self.host.interval_for(budget)
-
-    @property
-    def batchable(self) -> bool:
+    def batchable(self) -> bool:  # type: ignore[override]
         return self.host.batchable and self.granularity == "token"
 
     @property
-    def shared(self) -> bool:
+    def shared(self) -> bool:  # type: ignore[override]
         return self.host.shared or self.granularity == "block"
 
-    def min_budget(self) -> int:
-        return self.host.min_budget()
-
-    @property
-    def spec(self) -> str:
-        own = format_fields(self, skip=("host",))
-        return f"{self.host.name}+kvcrush:{format_fields(self.host)},{own}"
+    def notes(self) -> list[str]:
+        notes = self.host.notes()
+        inner = self.host
+        while isinstance(inner, Wrapper):
+            inner = inner.host
+        if getattr(inner, "phase_from_wrapper", False):
+            notes.append(
+                f"{inner.name}+kvcrush runs at phase={inner.phase} (KVCrush's default, cut at every step); "
+                f"{inner.name} alone defaults to phase={inner.default_phase}: set phase= to choose"
+            )
+        return notes
 
     def crush_tokens(self, budget: int) -> int:
         """Representative tokens for a layer whose (host or total) budget is ``budget``."""
         return self.crush if isinstance(self.crush, int) else round(self.crush * budget)
 
-    def split(self, layer) -> tuple[int, int]:
-        """(host tokens, KVCrush tokens) for this layer."""
-        budget = self.host.budget_for(layer)
-        nominal = resolve_budget(self.host.budget, layer.context_length, self.host.min_budget(), self.host.name)
+    def _nominal(self, view: LayerView) -> int:
+        return resolve_budget(self.host.budget, view.context_lengths[0], self.host.min_budget())
+
+    def budget_for(self, view: LayerView) -> tuple[int, ...]:
+        budgets = self.host.budget_for(view)
+        if not self.additive:
+            return budgets
+        return tuple(b + self.crush_tokens(b) for b in budgets)
+
+    def split(self, view: LayerView, budget: int) -> tuple[int, int]:
+        """(host tokens, KVCrush tokens) of a row budget ``budget``; the host keeps at least its sink + recent."""
+        nominal = self._nominal(view)
         crush = self.crush_tokens(nominal)
         if self.additive:
-            return budget, crush
-        if budget != nominal:
-            # layer-wise budgets (PyramidKV): KVCrush keeps the same share of each layer, within what the layer has
-            crush = min(round(crush * budget / nominal), budget - self.host.min_budget())
-        if budget - crush < self.host.min_budget():
-            raise ValueError(
-                f"kvcrush: layer budget {budget} minus crush {crush} is below sink+recent={self.host.min_budget()}"
-            )
+            return budget - crush, crush
+        if budget != nominal:  # layer-wise budgets (PyramidKV): KVCrush keeps the same share of each layer
+            crush = round(crush * budget / nominal)
+        crush = max(0, min(crush, budget - self.host.min_budget()))  # short prompts: the host's floor comes first
         return budget - crush, crush
 
-    # ------------------------------------------------------------------ runtime hooks (host does the scoring)
-    def request(self, first: bool, q_len: int) -> StatsRequest:
-        return self.host.request(first, q_len)
-
-    def observe(self, layer, stats: Stats, first: bool) -> None:
-        self.host.observe(layer, stats, first)
-
-    def budget_for(self, layer) -> int:
-        return sum(self.split(layer))
-
-    def select(self, layer, budget: int) -> torch.Tensor:
-        host_tokens, crush_tokens = self.split(layer)
+    # ------------------------------------------------------------------ selection
+    def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
+        host_tokens, crush_tokens = self.split(view, budget)
         if self.granularity == "block":
-            return self._select_blocks(layer, host_tokens, crush_tokens)
-        return self._select_tokens(layer, host_tokens, crush_tokens)
-
-    # ------------------------------------------------------------------ token granularity (the paper's)
-    def _select_tokens(self, layer, host_tokens: int, crush_tokens: int) -> torch.Tensor:
-        host = self.host
-        valid = layer.valid[:, 0]  # [B, L], identical across heads
-        forced = forced_mask(valid, host.sink, host.recent)
-        host_scores = host.host_priority_scores(layer)  # [B, Hs, L]
-        # the host's kept set as a mask: KVCrush works on masks, so no index round trip per decode step
-        host_mask = top_mask(priority(host_scores, forced[:, None].expand_as(host_scores), valid[:, None]), host_tokens)
+            with PROFILER.section("kvcrush"):
+                return self._select_blocks(view, host_tokens, crush_tokens)
+        host_mask = self.host.keep_mask(view, host_tokens)
+        if crush_tokens == 0:
+            return host_mask
         with PROFILER.section("kvcrush"):
-            return self._add_representatives(layer, host_mask, host_tokens, valid, forced, crush_tokens)
+            return host_mask | self._representatives(view, host_mask, crush_tokens)
 
-    def _add_representatives(
-        self, layer, host_mask: torch.Tensor, host_tokens: int, valid, forced, crush_tokens: int
-    ) -> torch.Tensor:
+    def _representatives(self, view: LayerView, host_mask: torch.Tensor, crush_tokens: int) -> torch.Tensor:
         """Signatures, anchor, Hamming distances and bucket picks among the host's evicted slots."""
-        heads = host_mask.shape[1]
+        heads = 1 if self.host.shared else view.num_kv_heads
+        valid, positions = view.valid[:, :heads], view.positions[:, :heads]
+        order = None if view.order is None else view.order[:, :heads]
+        forced = forced_mask(positions, valid, view.start, view.seen, self.sink, self.recent)
         region = valid & ~forced
-        signature_scores = self.host.head_scores(layer).flatten(1, 2)  # one bit per (query) head
-        signatures = token_signatures(signature_scores, region)  # [B, L, S]
-        anchor = self._anchor(layer, signatures, region)
-        distance = hamming(signatures, anchor)[:, None].expand(-1, heads, -1)
-        candidates = region[:, None] & ~host_mask
-        reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask)
-        # representatives lie outside the host's set, so the union has exactly host + crush slots per row
-        keep = mask_to_indices(host_mask | reps, host_tokens + crush_tokens)
-        return keep.expand(-1, layer.num_heads, -1) if heads == 1 else keep
+        host_mask = host_mask[:, :heads]
+        signatures = self._signatures(view, region)  # [B, heads or 1, n, S]
+        anchor = self._anchor(view, signatures, region[:, : signatures.shape[1]])
+        distance = hamming(signatures, anchor).expand_as(region)
+        candidates = region & ~host_mask
+        reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask, order=order)
+        reps &= valid  # rows with fewer candidates than ``crush`` were filled with free slots
+        return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
+
+    def _signatures(self, view: LayerView, region: torch.Tensor) -> torch.Tensor:
+        """Per-token bits, one per query head: is the token in the top half of that head's scores?
+
+        When every KV head holds the same token in the same slot, one signature per slot ``[B, 1, n, S]``. Otherwise
+        (per-head eviction) a slot of KV head ``h`` holds a different token than the same slot of head ``h'``, so the
+        bits are computed per head and realigned by token position: ``[B, kv_heads, n, S]``, with bit 0 for the heads
+        that evicted the token.
+        """
+        scores = self.host.head_scores(view)  # [B, Hk or 1, G, n]
+        b, hk, g, n = scores.shape
+        order = view.order
+        if view.aligned or region.shape[1] == 1:
+            flat = scores.reshape(b, hk * g, n)
+            bits = indicators(flat, region[:, :1], None if order is None else order[:, :1])
+            return bits.transpose(-1, -2)[:, None]
+        bits = indicators(scores, region[:, :, None], None if order is None else order[:, :, None])  # [B, Hk, G, n]
+        seen = view.seen
+        at = torch.where(region, view.positions, seen)  # region tokens by position; the rest to a spare column
+        table = torch.zeros(b, hk * g, seen + 1, dtype=torch.bool, device=scores.device)
+        table.scatter_(-1, at[:, :, None].expand(b, hk, g, n).reshape(b, hk * g, n), bits.reshape(b, hk * g, n))
+        table[..., seen] = False
+        index = at[:, :, None].expand(b, hk, hk * g, n)
+        return table[:, None].expand(b, hk, hk * g, seen + 1).gather(-1, index).transpose(-1, -2)
+
+    def _anchor(self, view: LayerView, signatures: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
+        """``[B, heads, S]`` anchor for ``[B, heads, n, S]`` signatures."""
+        if self.anchor != "random":
+            return make_anchor(self.anchor, signatures, members)
+        width = signatures.shape[-1]
+
+        def draw(layer_idx: int) -> torch.Tensor:  # fixed per (seed, layer, width): stable across decoding steps
+            generator = torch.Generator().manual_seed(self.seed * 1_000_003 + layer_idx)
+            return make_anchor("random", signatures[:1, 0, :1], generator=generator)[0]
+
+        anchors = view.per_layer(("kvcrush_anchor", self.seed, width), draw)  # [B, S], one anchor per layer
+        if signatures.shape[0] != anchors.shape[0]:  # one batch row's blocks (block granularity)
+            anchors = anchors[:1]
+        return anchors[:, None].expand(*signatures.shape[:2], width)
 
     # ------------------------------------------------------------------ block granularity (OpenVINO GenAI's)
-    def _select_blocks(self, layer, host_tokens: int, crush_tokens: int) -> torch.Tensor:
-        host = self.host
-        valid = layer.valid[:, 0]
-        forced = forced_mask(valid, host.sink, host.recent)
-        token_scores = host.head_scores(layer).float().mean((1, 2))  # [B, L] layer-level score
-        region = valid & ~forced
-        with PROFILER.section("kvcrush"):
-            return self._block_rows(layer, token_scores, valid, forced, region, host_tokens, crush_tokens)
-
-    def _block_rows(self, layer, token_scores, valid, forced, region, host_tokens: int, crush_tokens: int):
+    def _select_blocks(self, view: LayerView, host_tokens: int, crush_tokens: int) -> torch.Tensor:
         """Block choice per batch row, topped up to the exact budget with the best remaining tokens."""
-        budget = host_tokens + crush_tokens
+        valid, positions = view.valid[:, 0], view.positions[:, 0]
+        order = None if view.order is None else view.order[:, 0]
+        forced = forced_mask(positions, valid, view.start, view.seen, self.sink, self.recent)
+        token_scores = self.host.head_scores(view).float().mean((1, 2))  # [B, n] layer-level score
+        region = valid & ~forced
         rows = []
         for b in range(valid.shape[0]):
+            row_order = None if order is None else order[b]
             chosen = forced[b] | self._block_choice(
-                layer, token_scores[b], region[b], forced[b], host_tokens, crush_tokens
+                view, token_scores[b], region[b], forced[b], host_tokens, crush_tokens, row_order
             )
-            rows.append(topk_slots(priority(token_scores[b], chosen, valid[b]), budget))
-        return torch.stack(rows)[:, None].expand(-1, layer.num_heads, -1)
+            prio = priority(token_scores[b], chosen, valid[b])
+            rows.append(top_mask(prio, host_tokens + crush_tokens, row_order) & valid[b])
+        return torch.stack(rows)[:, None].expand(-1, view.num_kv_heads, -1)
 
     def _block_choice(
         self,
-        layer,
+        view: LayerView,
         scores: torch.Tensor,
         region: torch.Tensor,
         forced: torch.Tensor,
         host_tokens: int,
         crush_tokens: int,
+        order: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Mask of slots in the host's blocks and KVCrush's representative blocks (one batch row)."""
+        """Mask of slots in the host's blocks and KVCrush's representative blocks (one batch row).
+
+        A block is ``block`` consecutive region tokens in sequence order.
+        """
         slots = region.nonzero().squeeze(1)
+        if order is not None:
+            slots = slots[order[slots].argsort()]
         n_blocks = slots.numel() // self.block
         chosen = torch.zeros_like(region)
         if n_blocks == 0:
@@ -220,27 +237,15 @@ class KVCrush:
         n_host = min(n_blocks, max(0, host_tokens - int(forced.sum())) // self.block)
         n_rep = min(n_blocks - n_host, crush_tokens // self.block)
         block_scores = scores[blocks].sum(-1)
-        host_blocks = topk_slots(block_scores, n_host)
-        signatures = indicators(scores, region)[blocks]  # [n_blocks, block]
-        anchor = self._anchor(layer, signatures[None], None)[0]
+        host_blocks = top_mask(block_scores, n_host)
+        signatures = indicators(scores, region, order)[blocks]  # [n_blocks, block]: top half of the row, per token
+        members = torch.ones(1, 1, n_blocks, dtype=torch.bool, device=region.device)
+        anchor = self._anchor(view, signatures[None, None], members)[0, 0]
         distance = hamming(signatures[None], anchor[None])[0]
-        candidates = ~to_mask(host_blocks, n_blocks)
-        reps = pick_representatives(distance[None], candidates[None], n_rep, self.pick)[0]
-        chosen[blocks[torch.cat([host_blocks, reps])].flatten()] = True
+        reps = pick_representatives(distance[None], ~host_blocks[None], n_rep, self.pick)[0]
+        picked = host_blocks | to_mask(reps, n_blocks)
+        chosen[blocks[picked].flatten()] = True
         return chosen
-
-    def _anchor(self, layer, signatures: torch.Tensor, members: torch.Tensor | None) -> torch.Tensor:
-        if self.anchor != "random":
-            return make_anchor(self.anchor, signatures, members)
-        # a fixed random anchor per (seed, layer, width): reproducible and stable across decoding steps
-        key = ("kvcrush_anchor", signatures.shape[-1])
-        layers = stacked_layers(layer)  # one anchor per stacked layer, each repeated over that layer's batch rows
-        for one in layers:
-            if key not in one.extras:
-                one.extras[key] = make_anchor("random", signatures[:1, :1], generator=one.generator(self.seed))[0]
-        anchors = torch.stack([one.extras[key] for one in layers])
-        rows = signatures.shape[0] // len(layers) if signatures.dim() > 2 else 1
-        return anchors.repeat_interleave(rows, 0).expand(*signatures.shape[:-2], -1)
 
 
 KVCRUSH_FIELDS = tuple(f.name for f in dataclasses.fields(KVCrush) if f.name != "host")

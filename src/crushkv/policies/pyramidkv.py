@@ -48,10 +48,12 @@ class PyramidKV(SnapKV):
         if self.beta < 1:
             raise ValueError("pyramidkv: beta must be >= 1")
 
-    def budget_for(self, layer) -> int:
-        average = resolve_budget(self.budget, layer.context_length, self.min_budget(), self.name)
-        length = layer.context_length
+    def budget_for(self, view) -> tuple[int, ...]:
+        return tuple(self._row_budget(view, length) for length in view.context_lengths)
+
+    def _row_budget(self, view, length: int) -> int:
+        average = resolve_budget(self.budget, length, self.min_budget())
         if length <= average:
             return average
-        budgets = pyramid_budgets(average, self.min_budget(), length, layer.num_compressed_layers, self.beta)
-        return budgets[layer.rank]
+        budgets = pyramid_budgets(average, self.min_budget(), length, view.num_compressed_layers, self.beta)
+        return budgets[view.rank]

@@ -6,19 +6,19 @@ from dataclasses import dataclass
 
 import torch
 
-from crushkv.policies.base import Policy, register
+from crushkv.policies.base import Host, register
 
 
 @register
 @dataclass
-class Random(Policy):
+class Random(Host):
     """Random scores per KV head from a generator seeded with ``seed`` and the layer index."""
 
     name = "random"
     batchable = False  # one generator per layer
     seed: int = 0
 
-    def head_scores(self, layer) -> torch.Tensor:
-        gen = layer.generator(self.seed)
-        b, h, length = layer.positions.shape
-        return torch.rand(b, h, 1, length, generator=gen).to(layer.positions.device)
+    def head_scores(self, view) -> torch.Tensor:
+        gen = view.generator(self.seed)
+        b, h, length = view.positions.shape
+        return torch.rand(b, h, 1, length, generator=gen).to(view.positions.device)

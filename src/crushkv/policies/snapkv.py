@@ -7,14 +7,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from crushkv.policies.base import ALL_ROWS, Policy, Stats, StatsRequest, register
+from crushkv.policies.base import Host, register
+from crushkv.stats import ALL_ROWS, Stats, StatsRequest
 
 POOLS = ("avg", "max")
 
 
 @register
 @dataclass
-class SnapKV(Policy):
+class SnapKV(Host):
     """Scores = attention of the last ``window`` prompt queries, smoothed by a 1-D pool of size ``kernel``.
 
     The window tokens are always kept (``recent`` defaults to ``window``). With ``phase=decode`` the window scores
@@ -47,7 +48,7 @@ class SnapKV(Policy):
 
     def observe(self, layer, stats: Stats, first: bool) -> None:
         if first:
-            layer.state["score"] = self.smooth(stats.colsum)
+            layer.set_state("score", self.smooth(stats.colsum))  # the prompt is in slot order: pooling is local
         else:
             layer.accumulate("score", stats.colsum)
 
@@ -63,5 +64,5 @@ class SnapKV(Policy):
             pooled = F.avg_pool1d(flat, self.kernel, stride=1, padding=pad, count_include_pad=False)
         return pooled.reshape(scores.shape)
 
-    def head_scores(self, layer) -> torch.Tensor:
-        return layer.state["score"]
+    def head_scores(self, view) -> torch.Tensor:
+        return view.state["score"]

@@ -6,12 +6,12 @@ from dataclasses import dataclass
 
 import torch
 
-from crushkv.policies.base import Policy, register
+from crushkv.policies.base import Host, register
 
 
 @register
 @dataclass
-class Streaming(Policy):
+class Streaming(Host):
     """Keeps the first ``sink`` tokens and the most recent ``budget - sink`` tokens (positions stay original)."""
 
     name = "streaming"
@@ -20,5 +20,5 @@ class Streaming(Policy):
     sink: int = 4
     recent: int = 0
 
-    def head_scores(self, layer) -> torch.Tensor:
-        return layer.positions[:, :1, None, :].float()
+    def head_scores(self, view) -> torch.Tensor:
+        return view.positions[:, :1, None, :].float()

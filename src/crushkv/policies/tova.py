@@ -6,12 +6,13 @@ from dataclasses import dataclass
 
 import torch
 
-from crushkv.policies.base import Policy, Stats, StatsRequest, register
+from crushkv.policies.base import Host, register
+from crushkv.stats import Stats, StatsRequest
 
 
 @register
 @dataclass
-class TOVA(Policy):
+class TOVA(Host):
     """Drops the tokens the current (last) query attends to least, averaged over all heads of the layer."""
 
     name = "tova"
@@ -24,7 +25,7 @@ class TOVA(Policy):
         return StatsRequest(last=True)
 
     def observe(self, layer, stats: Stats, first: bool) -> None:
-        layer.state["last"] = stats.last
+        layer.set_state("last", stats.last)
 
-    def head_scores(self, layer) -> torch.Tensor:
-        return layer.state["last"]
+    def head_scores(self, view) -> torch.Tensor:
+        return view.state["last"]

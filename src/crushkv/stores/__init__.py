@@ -1,0 +1,11 @@
+"""KV stores (``store=`` spec key): where a compressed layer's keys and values live. See ``stores.base``."""
+
+from __future__ import annotations
+
+from crushkv.stores.base import KVStore, grown
+from crushkv.stores.dense import DenseStore
+from crushkv.stores.paged import BlockPool, PagedStore
+
+STORES = ("dense", "paged")
+
+__all__ = ["STORES", "BlockPool", "DenseStore", "KVStore", "PagedStore", "grown"]

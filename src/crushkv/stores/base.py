@@ -1,0 +1,52 @@
+"""The K/V store seam: where one compressed layer's keys and values live.
+
+A store holds ``B x H`` rows of slots (one row per batch element and KV head), one token's key and value per slot.
+The layer owns the slot metadata (which slot holds which token, which are free) and decides where new tokens go and
+which slots move when it compacts; the store only moves bytes and reports what it holds. So policies, selection and
+attention never depend on the memory layout, and every store yields the same slots in the same order.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+import torch
+
+
+@runtime_checkable
+class KVStore(Protocol):
+    """Slot storage of one layer. ``rows``/``slots`` are ``[B, H, q]`` indices; flat ``row`` = ``b * H + h``."""
+
+    #: slots per row writable without ``reserve``
+    capacity: int
+    #: ``dense`` returns views (no copy): the first pass reads the store instead of the pass's own tensors
+    dense_is_a_view: bool
+
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Hold the first pass's ``[B, H, L, d]`` keys/values in slots ``0..L-1`` of every row."""
+
+    def reserve(self, capacity: int) -> None:
+        """Make at least ``capacity`` slots per row writable (geometric growth is the store's business)."""
+
+    def write(self, slots: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Write ``[B, H, q, d]`` keys/values into ``slots`` ``[B, H, q]`` (every slot below ``capacity``)."""
+
+    def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
+        """Copy slot ``src[i]`` to ``dst[i]`` within flat row ``rows[i]`` (1-D tensors of equal length)."""
+
+    def fit(self, used: torch.Tensor, reserve: int) -> None:
+        """Release storage above ``used`` ``[B, H]`` slots per row, keeping room for ``reserve`` more tokens."""
+
+    def dense(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``0..n-1`` of every row as ``[B, H, n, d]`` keys and values (a view where the layout allows)."""
+
+    def map_batch(self, fn) -> None:
+        """Apply a batch-dimension function (beam reorder, repeat, select) to every row."""
+
+    def nbytes(self) -> int:
+        """Bytes of K/V storage this layer holds (for a paged store: its pages in use plus its block table)."""
+
+
+def grown(need: int) -> int:
+    """Capacity after growing to hold ``need`` slots: 12.5 % (at least 16 slots) above it, so appends amortise."""
+    return need + max(16, need // 8)
