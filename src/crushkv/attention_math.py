@@ -44,6 +44,8 @@ class Visibility:
         """``[B, H or 1, i1 - i0, n]`` boolean mask of query rows ``i0 .. i1 - 1``."""
         slot = self.positions[:, :, None, :]
         query = self.query_positions[i0:i1][None, None, :, None]
+        if i1 - i0 == 1 and i1 == len(self.query_positions) and self.window is None:
+            return self.valid[:, :, None, :] | (slot == query)  # the newest token: nothing stored is in its future
         seen = self.valid[:, :, None, :] & (slot <= query)
         if self.window is not None:
             seen &= slot > query - self.window

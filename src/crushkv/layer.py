@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from crushkv.attention_math import Visibility
-from crushkv.selection import host_sync_is_free, mask_to_indices, order_keys
+from crushkv.selection import mask_to_indices, order_keys
 from crushkv.stats import Stats
 from crushkv.stores import KVStore, grown
 
@@ -62,6 +62,7 @@ class CompressedLayer(DynamicLayer):
         self.seen = 0
         self.hw = 0  # slots [0, hw) of some row may hold a token: the length attention and selection work on
         self.max_count = 0  # upper bound of the tokens held by any row
+        self.min_count = 0  # lower bound of the tokens held by any row (exact bounds spare a host sync per cut)
         self.prompt_done = False
         self.context_lengths: tuple[int, ...] = ()
         self.start: torch.Tensor | None = None
@@ -90,7 +91,7 @@ class CompressedLayer(DynamicLayer):
             self._positions = torch.arange(q, device=self.device).expand(b, h, q).contiguous()
             self._valid = torch.ones(b, h, q, dtype=torch.bool, device=self.device)
             self._fit_metadata()
-            self.hw = self.max_count = q
+            self.hw = self.max_count = self.min_count = q
             slots = None
         else:
             slots = self._allocate(q)
@@ -169,20 +170,32 @@ class CompressedLayer(DynamicLayer):
         self._fit_metadata()
         if not self.holes:  # every row holds exactly slots [0, hw): append
             slots = torch.arange(self.hw, self.hw + q, device=self.device).expand(b, h, q)
+        elif q == 1:  # steady decoding: the first free slot of each row (one exists: capacity >= max_count + 1)
+            slots = (~self._valid).to(torch.uint8).argmax(-1, keepdim=True)
+            self.ordered = False
         else:
             free = ~self._valid
             slots = mask_to_indices(free & (free.cumsum(-1) <= q), q)
             self.ordered = False
         self.hw = max(self.hw, self.max_count + q)  # a row fills its holes before it extends its high-water mark
         self.max_count = need
+        self.min_count += q
         return slots
 
-    def keep(self, mask: torch.Tensor, reserve: int) -> None:
+    def keep(self, mask: torch.Tensor, budgets: tuple[int, ...]) -> None:
         """Free every slot outside ``mask`` (``[B, H, n]``), compact rows with many holes, release storage."""
         n = mask.shape[-1]
         self._valid[..., :n] &= mask
         self.holes = True
         self.aligned = self.aligned and bool(self.policy.shared)
+        reserve = self.reserve_after_cut(budgets)
+        budget = budgets[0]
+        steady = len(set(budgets)) == 1 and not self.policy.ragged and self.min_count >= budget
+        if steady and self.hw - budget < reserve + self.policy.page:
+            # every row had at least ``budget`` tokens, so each now holds exactly ``budget``, and none has holes
+            # enough to compact: nothing to count (no host sync), nothing to release
+            self.max_count = self.min_count = budget
+            return
         self.tidy(reserve)
 
     def tidy(self, reserve: int) -> None:
@@ -193,8 +206,8 @@ class CompressedLayer(DynamicLayer):
         slot = torch.arange(n, device=self.device)
         high = (valid * (slot + 1)).amax(-1) if n else counts
         sparse = high - counts >= reserve + self.policy.page
-        if host_sync_is_free(self.device) or bool(sparse.any()):
-            self.max_count = int(counts.max()) if counts.numel() else 0
+        if counts.numel():
+            self.max_count, self.min_count = int(counts.max()), int(counts.min())
         if bool(sparse.any()):
             self._compact(valid, counts, sparse, slot)
             high = torch.where(sparse, counts, high)
@@ -230,12 +243,14 @@ class CompressedLayer(DynamicLayer):
             lengths = row_valid.sum(-1)
             self.context_lengths = tuple(int(n) for n in lengths.tolist())
             self.start = row_valid.long().argmax(-1)
-            if min(self.context_lengths, default=q) < q:
+            self.min_count = min(self.context_lengths, default=q)
+            if self.min_count < q:
                 self.holes = True
         elif attention_mask is not None:
             self._valid.scatter_(-1, self._pass_slots, row_valid[:, None, :].expand(b, h, q))
             if not bool(row_valid.all()):
                 self.holes = True
+                self.min_count = max(0, self.min_count - q)
         return row_valid, first
 
     def visibility(self, q: int, first: bool) -> Visibility:
@@ -262,6 +277,7 @@ class CompressedLayer(DynamicLayer):
         if self.window is not None:
             self._valid[..., : self.hw] &= self._positions[..., : self.hw] > self.seen - self.window
             self.holes = True
+            self.max_count, self.min_count = min(self.max_count, self.window), 0
         if not active:
             return None
         self.policy.observe(self, stats, first)

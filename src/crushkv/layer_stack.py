@@ -141,4 +141,4 @@ def evict(pending: Sequence[tuple[CompressedLayer, tuple[int, ...]]], batched: b
                     keeps.append(select(layer, budgets))
         with PROFILER.section("gather"):
             for layer, keep in zip(layers, keeps, strict=True):
-                layer.keep(keep, layer.reserve_after_cut(budgets))
+                layer.keep(keep, budgets)

@@ -147,37 +147,49 @@ class KVCrush(Wrapper):
         forced = forced_mask(positions, valid, view.start, view.seen, self.sink, self.recent)
         region = valid & ~forced
         host_mask = host_mask[:, :heads]
-        signatures = self._signatures(view, region)  # [B, heads or 1, n, S]
-        anchor = self._anchor(view, signatures, region[:, : signatures.shape[1]])
-        distance = hamming(signatures, anchor).expand_as(region)
+        if view.aligned or heads == 1:
+            signatures = self._signatures(view, region[:, :1])  # [B, 1, n, S]: one signature per slot
+            distance = hamming(signatures, self._anchor(view, signatures, region[:, :1])).expand_as(region)
+        else:
+            distance = self._distances_by_position(view, region)
         candidates = region & ~host_mask
         reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask, order=order)
         reps &= valid  # rows with fewer candidates than ``crush`` were filled with free slots
         return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
 
     def _signatures(self, view: LayerView, region: torch.Tensor) -> torch.Tensor:
-        """Per-token bits, one per query head: is the token in the top half of that head's scores?
-
-        When every KV head holds the same token in the same slot, one signature per slot ``[B, 1, n, S]``. Otherwise
-        (per-head eviction) a slot of KV head ``h`` holds a different token than the same slot of head ``h'``, so the
-        bits are computed per head and realigned by token position: ``[B, kv_heads, n, S]``, with bit 0 for the heads
-        that evicted the token.
-        """
+        """``[B, 1, n, S]`` per-slot bits, one per query head: is the token in the top half of that head's scores?
+        (Every KV head holds the same token in each slot.)"""
         scores = self.host.head_scores(view)  # [B, Hk or 1, G, n]
         b, hk, g, n = scores.shape
         order = view.order
-        if view.aligned or region.shape[1] == 1:
-            flat = scores.reshape(b, hk * g, n)
-            bits = indicators(flat, region[:, :1], None if order is None else order[:, :1])
-            return bits.transpose(-1, -2)[:, None]
-        bits = indicators(scores, region[:, :, None], None if order is None else order[:, :, None])  # [B, Hk, G, n]
+        bits = indicators(scores.reshape(b, hk * g, n), region, None if order is None else order[:, :1])
+        return bits.transpose(-1, -2)[:, None]
+
+    def _distances_by_position(self, view: LayerView, region: torch.Tensor) -> torch.Tensor:
+        """``[B, kv_heads, n]`` Hamming distances when the KV heads hold different tokens in a slot (per-head
+        eviction): a token's signature has one bit per query head, read where that head holds the token (0 where it
+        evicted it), so the bits are collected by position, ``table[b, s, position]``. Distances to each head's
+        anchor are then two small matmuls, ``|t| + |a| - 2 a.t``, without a per-(head, slot, bit) tensor."""
+        scores = self.host.head_scores(view)  # [B, Hk, G, n]
+        b, hk, g, n = scores.shape
+        order = view.order
+        bits = indicators(scores, region[:, :, None], None if order is None else order[:, :, None])
         seen = view.seen
-        at = torch.where(region, view.positions, seen)  # region tokens by position; the rest to a spare column
-        table = torch.zeros(b, hk * g, seen + 1, dtype=torch.bool, device=scores.device)
-        table.scatter_(-1, at[:, :, None].expand(b, hk, g, n).reshape(b, hk * g, n), bits.reshape(b, hk * g, n))
-        table[..., seen] = False
-        index = at[:, :, None].expand(b, hk, hk * g, n)
-        return table[:, None].expand(b, hk, hk * g, seen + 1).gather(-1, index).transpose(-1, -2)
+        at = torch.where(region, view.positions, seen)  # region tokens by position, the rest into a spare column
+        table = scores.new_zeros(b, hk * g, seen + 1, dtype=torch.float32)
+        table.scatter_(-1, at[:, :, None].expand(b, hk, g, n).reshape(b, hk * g, n), bits.reshape(b, hk * g, n).float())
+        table[..., seen] = 0
+        members = torch.zeros(b, hk, seen + 1, device=table.device).scatter_(-1, at, 1.0)
+        members[..., seen] = 0
+        if self.anchor == "mean":  # each head's majority bit over the tokens of its own region
+            ones = torch.bmm(members, table.transpose(1, 2))  # [B, Hk, S]
+            anchor = (ones * 2 > members.sum(-1, keepdim=True)).float()
+        else:
+            anchor = self._anchor(view, table.new_zeros(b, 1, 1, hk * g, dtype=torch.bool), members[:, :1]).float()
+            anchor = anchor.expand(b, hk, hk * g)
+        distance = table.sum(1, keepdim=True) + anchor.sum(-1, keepdim=True) - 2 * torch.bmm(anchor, table)
+        return distance.gather(-1, at).round_().long()
 
     def _anchor(self, view: LayerView, signatures: torch.Tensor, members: torch.Tensor) -> torch.Tensor:
         """``[B, heads, S]`` anchor for ``[B, heads, n, S]`` signatures."""
