@@ -11,11 +11,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crushkv.errors import CrushkvError
 from crushkv.eval import results
 from crushkv.eval.common import STREAMING, Task
 
-# summary keys that must match for a rerun to append to existing records
-_IDENTITY = ("task", "task_settings", "model", "dtype", "policy", "compression")
+# summary keys that must match for a rerun to append to existing records; batch_size is one because a batch is
+# left-padded and batched matmuls round differently, so greedy outputs can differ from batch size 1 at ties
+_IDENTITY = ("task", "task_settings", "model", "dtype", "policy", "compression", "batch_size")
+# values of identity keys in summaries written before the key existed
+_IDENTITY_DEFAULTS = {"batch_size": 1}
 
 
 @dataclass
@@ -34,7 +38,7 @@ class RunOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ConfigMismatch(RuntimeError):
+class ConfigMismatch(CrushkvError, RuntimeError):
     """Existing results in the output directory were produced with different settings."""
 
 
@@ -92,7 +96,7 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
         records_path.unlink(missing_ok=True)
     elif summary_path.exists():
         old = results.read_json(summary_path)
-        diff = [k for k in _IDENTITY if old.get(k) != summary.get(k)]
+        diff = [k for k in _IDENTITY if old.get(k, _IDENTITY_DEFAULTS.get(k)) != summary.get(k)]
         if diff:
             raise ConfigMismatch(
                 f"{summary_path} was written with different {', '.join(diff)}; use --overwrite or another --out"
