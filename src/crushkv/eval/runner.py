@@ -102,6 +102,7 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
                 f"{summary_path} was written with different {', '.join(diff)}; use --overwrite or another --out"
             )
     summary["environment"] = results.environment()
+    new_run = not summary_path.exists()
 
     examples = task.examples(tokenizer)
     if opts.limit is not None:
@@ -115,6 +116,7 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     status = "complete"
+    finished = False
     desc = f"{task.name} {results.policy_slug(canonical).rsplit('_', 1)[0]} {mode}"
     try:
         with records_path.open("a", encoding="utf-8") as fh:
@@ -130,20 +132,26 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
                         running.append(float(record[task.primary]))
                         bar.set_postfix({task.primary: f"{sum(running) / len(running):.3g}"})
             bar.close()
+        finished = True
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         records = [r for r in results.read_records(records_path) if r.get("id") in wanted]
-        summary.update(
-            status=status if len(records) >= len(examples) or status == "interrupted" else "incomplete",
-            finished=_now(),
-            elapsed_s=round(time.perf_counter() - t0, 3),
-            n=len(records),
-            metrics=task.aggregate(records),
-            means=_means(records),
-        )
-        results.write_json(summary_path, summary)
+        if not finished and new_run and not records:
+            # failed before its first example: leave no empty run behind (eval removes a folder it left empty)
+            records_path.unlink(missing_ok=True)
+            summary_path.unlink(missing_ok=True)
+        else:
+            summary.update(
+                status=status if len(records) >= len(examples) or status == "interrupted" else "incomplete",
+                finished=_now(),
+                elapsed_s=round(time.perf_counter() - t0, 3),
+                n=len(records),
+                metrics=task.aggregate(records),
+                means=_means(records),
+            )
+            results.write_json(summary_path, summary)
     return summary
 
 
