@@ -158,6 +158,11 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert len(pngs) == 6  # 1 accuracy-vs-budget plot + 5 heatmaps
     assert all(p.stat().st_size > 1000 for p in pngs)
+    from PIL import Image
+
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.info["dpi"][0] >= 149.9
     for png in pngs:
         assert f"figures/{png.name}" in text
     assert "tiny n |" in text and "Same examples for every run" not in text
