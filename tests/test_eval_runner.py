@@ -17,7 +17,7 @@ from crushkv.eval.report import policy_label
 
 NIAH_ARGS = [
     "--model",
-    "tiny",
+    "test/tiny",
     "--task",
     "niah",
     "--lengths",
@@ -226,7 +226,7 @@ def _record_order(monkeypatch: pytest.MonkeyPatch, fail_data: bool = False) -> l
 
 def test_task_data_is_installed_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     events = _record_order(monkeypatch)
-    args = ["eval", "--model", "tiny", "--task", "gsm8k", "--task", "niah", "--lengths", "160", "--depths", "50"]
+    args = ["eval", "--model", "test/tiny", "--task", "gsm8k", "--task", "niah", "--lengths", "160", "--depths", "50"]
     assert main([*args, "--limit", "1", "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path)]) == 0
     assert events == ["data:gsm8k,haystack", "model"]
 
@@ -236,7 +236,7 @@ def test_missing_data_stops_before_the_model_and_leaves_no_folder(
 ) -> None:
     events = _record_order(monkeypatch, fail_data=True)
     out = tmp_path / "results" / "gsm8k"
-    assert main(["eval", "--model", "tiny", "--task", "gsm8k", "--out", str(out)]) == 2
+    assert main(["eval", "--model", "test/tiny", "--task", "gsm8k", "--out", str(out)]) == 2
     assert events == ["data:gsm8k"]
     err = capsys.readouterr().err
     assert err.startswith("error: the gsm8k data needs PyPI package") and err.count("\n") == 1
@@ -258,7 +258,7 @@ def test_a_failed_run_removes_the_output_folder_it_created(tmp_path: Path, monke
 
 
 def test_lengths_past_the_model_limit_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    argv = ["eval", "--model", "tiny", "--task", "niah", "--lengths", "5000", "--out", str(tmp_path / "o")]
+    argv = ["eval", "--model", "test/tiny", "--task", "niah", "--lengths", "5000", "--out", str(tmp_path / "o")]
     assert main(argv) == 2
     assert "needs 5012 positions but the model handles at most 4096" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

@@ -506,6 +506,12 @@ def resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, Any]:
     raise UsageError(unknown_model_message(text))
 
 
+def check_reference(name_or_path: str | os.PathLike[str]) -> str:
+    """The kind of a model reference (see :func:`resolve`); raises for a typo or a missing path. Cheap: commands
+    call it first, so a wrong ``--model`` fails before anything is installed or loaded."""
+    return resolve(name_or_path)[0]
+
+
 def needs_pull(name_or_path: str | os.PathLike[str]) -> bool:
     """True when loading ``name_or_path`` will first install PyPI packages or convert a GGUF (minutes, not
     seconds); False for a converted catalog model, a local directory or a hub id. Raises like :func:`resolve`."""
@@ -630,6 +636,7 @@ __all__ = [
     "catalog_entry",
     "catalog_status",
     "check_context",
+    "check_reference",
     "convert_gguf",
     "converted_dir",
     "is_converted",

@@ -96,12 +96,13 @@ def run(args: argparse.Namespace) -> int:
         print(format_report(report))
         return 0
     from crushkv.data import ensure_data
-    from crushkv.models import check_context
+    from crushkv.models import check_context, check_reference
     from crushkv.policies import parse_policy
 
     policies = list(args.policy or DEFAULT_POLICIES)
-    for spec in policies:  # a bad spec fails before anything is installed or loaded
+    for spec in policies:  # a bad spec or model fails before anything is installed or loaded
         parse_policy(spec)
+    check_reference(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     lengths = list(args.lengths)

@@ -70,11 +70,12 @@ def run(args: argparse.Namespace) -> int:
     from crushkv.bench.timing import timed_generation
     from crushkv.data import ensure_data
     from crushkv.eval.niah import NIAHTask
-    from crushkv.models import check_context, load_model, needs_pull
+    from crushkv.models import check_context, check_reference, load_model, needs_pull
     from crushkv.policies import parse_policy
 
     specs = list(args.policy or DEFAULT_POLICIES)
-    policies = [parse_policy(spec) for spec in specs]  # a bad spec fails before anything is installed or loaded
+    policies = [parse_policy(spec) for spec in specs]  # a bad spec or model fails before anything is installed
+    check_reference(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
     t0 = time.perf_counter()

@@ -39,8 +39,10 @@ def summary_line(policy_spec: str, summary: dict, compressed_layers) -> str:
 
 def run(args: argparse.Namespace) -> int:
     import crushkv
+    from crushkv.models import check_reference
 
-    policy = crushkv.parse_policy(args.policy)  # fail fast on a bad spec, before loading anything
+    policy = crushkv.parse_policy(args.policy)  # fail fast on a bad spec or model, before loading anything
+    check_reference(args.model)
     text = args.prompt if args.prompt is not None else sys.stdin.read()
     if not text.strip():
         raise UsageError("empty prompt: pass --prompt TEXT or pipe text on stdin")

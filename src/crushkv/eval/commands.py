@@ -146,12 +146,13 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
 
     from crushkv.data import ensure_data
     from crushkv.eval.runner import RunOptions, modes_for, resolve_policy, run_task
-    from crushkv.models import check_context
+    from crushkv.models import check_context, check_reference
     from crushkv.paths import cleaned_up_on_failure
 
     for spec in specs:  # fail fast on a bad spec, before loading the model
         resolve_policy(spec)
     tasks = build_tasks(args)
+    check_reference(args.model)
     ensure_data([name for task in tasks for name in task.required_data()], auto_install=True)
     if args.threads:
         torch.set_num_threads(args.threads)
