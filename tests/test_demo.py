@@ -93,3 +93,11 @@ def test_demo_rejects_a_prompt_past_the_model_limit(demo_env, capsys):
     assert "--length 5000 + --new-tokens 16 needs 5016 positions but the model handles at most 4096" in (
         capsys.readouterr().err
     )
+
+
+def test_the_full_cache_is_always_the_baseline(demo_env, capsys):
+    """The table's "vs full" columns compare against the full cache even when only compressed policies are asked."""
+    argv = ["demo", "--model", "test/tiny", "--length", "200", "--new-tokens", "3", "--policy", "h2o:budget=64"]
+    assert main(argv) == 0
+    rows = [line for line in capsys.readouterr().out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [row.split(" | ")[0] for row in rows[1:]] == ["| full", "| h2o b=64 decode"]

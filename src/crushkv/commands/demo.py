@@ -35,7 +35,11 @@ def add_parser(subparsers) -> None:
     p.add_argument("--depth", type=percent, default=50.0, help="needle depth in percent, 0-100")
     p.add_argument("--new-tokens", type=positive_int, default=16, help="tokens decoded per policy (timing)")
     p.add_argument(
-        "--policy", action="append", help=f"policy spec (repeatable; default: {', '.join(DEFAULT_POLICIES)})"
+        "--policy",
+        action="append",
+        help="policy spec (repeatable; 'full' always runs first, as the baseline; default: "
+        + ", ".join(DEFAULT_POLICIES)
+        + ")",
     )
     p.add_argument("--dtype", type=dtype_name, default="float32", help=DTYPE_HELP)
     p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
@@ -75,6 +79,9 @@ def run(args: argparse.Namespace) -> int:
 
     specs = list(args.policy or DEFAULT_POLICIES)
     policies = [parse_policy(spec) for spec in specs]  # a bad spec or model fails before anything is installed
+    if not any(p.spec == "full" for p in policies):  # the table's "vs full" columns need the full cache's run
+        specs.insert(0, "full")
+        policies.insert(0, parse_policy("full"))
     check_reference(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
