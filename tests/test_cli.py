@@ -134,7 +134,7 @@ def test_an_unreachable_hub_id_is_one_line(monkeypatch, capsys):
     monkeypatch.setattr("transformers.AutoTokenizer.from_pretrained", offline)
     assert main(["generate", "--model", "someorg/some-model", "--prompt", "hi"]) == 2
     line = _error_line(capsys)
-    assert "cannot load 'someorg/some-model' from the Hugging Face hub (We couldn't connect" in line
+    assert "'someorg/some-model' is no local path, and loading it from the Hugging Face hub failed (We couldn't" in line
     assert "smollm2-135m" in line
 
 

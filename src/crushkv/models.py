@@ -578,8 +578,8 @@ def load_model(
         # a hub id: transformers' message is a page about connectivity; say what was tried and what works offline
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise CrushkvError(
-            f"cannot load {source!r} from the Hugging Face hub ({first}); offline, use a local directory, a .gguf "
-            f"file or a catalog name: {', '.join(CATALOG)}"
+            f"{source!r} is no local path, and loading it from the Hugging Face hub failed ({first}); offline, use "
+            f"a local directory, a .gguf file or a catalog name: {', '.join(CATALOG)}"
         ) from err
     model.to(device)
     model.eval()
