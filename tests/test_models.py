@@ -289,10 +289,25 @@ def test_cli_list(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.Monkey
         assert "installed" in out and "converted" in out and "491 MB" in out
 
 
-def test_cli_pull_unknown(capsys: pytest.CaptureFixture[str]) -> None:
-    args = _parser().parse_args(["models", "pull", "nope"])
-    assert args.func(args) == 2
-    assert "unknown model" in capsys.readouterr().err
+def test_cli_pull_unknown(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    from crushkv.cli import main
+
+    monkeypatch.setattr(packages, "pip_install", lambda reqs, **kw: pytest.fail("must not install"))
+    assert main(["models", "pull", "smollm2-135"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: unknown catalog model 'smollm2-135' (did you mean 'smollm2-135m'?)")
+    assert err.count("\n") == 1 and all(name in err for name in models.CATALOG)
+
+
+def test_failed_pull_leaves_no_empty_cache_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, cache: Path) -> None:
+    """A pull that fails after pip (here: a corrupt part) removes the folders it created and left empty."""
+    entry = _fake_part_packages(tmp_path / "site", [b"x" * 30, b"y" * 20])
+    (tmp_path / "site" / "fakepart2" / "data" / "part02.bin").write_bytes(b"Y" * 20)  # wrong sha256
+    monkeypatch.syspath_prepend(str(tmp_path / "site"))
+    monkeypatch.setitem(models.CATALOG, entry.name, entry)
+    with pytest.raises(models.IntegrityError):
+        models.pull(entry.name, progress=False)
+    assert not cache.exists()  # not even the cache root: nothing was in it before
 
 
 # ------------------------------------------------------------------------------------------------ real model

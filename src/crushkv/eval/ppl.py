@@ -42,6 +42,10 @@ class PPLTask(Task):
     def __init__(
         self, length: int = 1024, docs: int = 2, chunk: int = 1, prefill: int = 0, text: str | None = None
     ) -> None:
+        if docs < 1:
+            raise ValueError(f"ppl needs at least one document, got docs={docs}")
+        if length < 2:
+            raise ValueError(f"ppl needs at least 2 tokens per document (one to predict), got length={length}")
         if chunk < 1:
             raise ValueError("chunk must be >= 1")
         if not 0 <= prefill < length:
@@ -52,6 +56,12 @@ class PPLTask(Task):
         self.prefill = prefill
         self._text = text
         self.progress = True
+
+    def required_data(self) -> tuple[str, ...]:
+        return () if self._text is not None else ("haystack",)
+
+    def max_positions(self) -> int:
+        return self.length
 
     def settings(self) -> dict[str, Any]:
         return {

@@ -201,8 +201,22 @@ def _plt() -> Any:
     return plt
 
 
-def budget_plot(task: str, model: str, mode: str, runs: list[dict[str, Any]], path: Path) -> Path | None:
-    """Primary metric vs budget, one line per method family, full cache as a dashed line."""
+DPI = 150
+
+
+def kept_tokens(run: dict[str, Any]) -> float | None:
+    """Mean tokens a run kept per layer and head (the report's ``kept`` column); an integer budget for old runs
+    that did not record it. None for a ratio budget without a record: a ratio is not a token count."""
+    kept = run.get("means", {}).get("kept_tokens")
+    if kept is not None:
+        return float(kept)
+    if isinstance(_number(results.parse_spec(run["policy"])[1].get("budget")), int):
+        return float(policy_label(run["policy"])[1])  # total tokens (KVCrush: host + representatives)
+    return None
+
+
+def budget_points(task: str, runs: list[dict[str, Any]]) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """Per method family, sorted ``(mean kept tokens, primary metric)`` points; and the full cache's metric."""
     primary = runs[0].get("primary_metric", "score")
     scale = 1.0 if task == "ppl" else 100.0
     lines: dict[str, list[tuple[float, float]]] = defaultdict(list)
@@ -214,27 +228,40 @@ def budget_plot(task: str, model: str, mode: str, runs: list[dict[str, Any]], pa
         family, budget, _ = policy_label(r["policy"])
         if budget is None:
             full = value * scale
-        else:
-            lines[family].append((budget, value * scale))
+            continue
+        kept = kept_tokens(r)
+        if kept is not None:
+            lines[family].append((kept, value * scale))
+    return {family: sorted(pts) for family, pts in lines.items()}, full
+
+
+def budget_plot(task: str, model: str, mode: str, runs: list[dict[str, Any]], path: Path) -> Path | None:
+    """Primary metric vs mean kept tokens, one line per method family, full cache as a dashed line.
+
+    The x axis is always kept tokens: token budgets (512) and ratio budgets (0.25 of a 500-token prompt) become
+    comparable, and a ratio is never drawn at x = 0.25 beside token counts.
+    """
+    primary = runs[0].get("primary_metric", "score")
+    lines, full = budget_points(task, runs)
     if not lines:
         return None
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(4.8, 3.4), dpi=90)
+    fig, ax = plt.subplots(figsize=(5.6, 3.8), dpi=DPI)
     for family, pts in sorted(lines.items()):
-        pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=family)
     if full is not None:
         ax.axhline(full, color="black", linestyle="--", linewidth=1, label="Full")
-    budgets = [p[0] for pts in lines.values() for p in pts]
-    if min(budgets) > 1 and max(budgets) / min(budgets) >= 4:
+    kept_values = [p[0] for pts in lines.values() for p in pts]
+    if min(kept_values) > 1 and max(kept_values) / min(kept_values) >= 4:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel("KV budget (tokens, or ratio)")
-    ax.set_ylabel(primary if task == "ppl" else f"{primary} (%)")
-    ax.set_title(f"{task} · {results.model_slug(model)} · {mode}", fontsize=9)
+    ax.set_xlabel("kept tokens per layer and head (mean)", fontsize=9)
+    ax.set_ylabel(primary if task == "ppl" else f"{primary} (%)", fontsize=9)
+    ax.set_title(f"{task} · {results.model_slug(model)} · {mode}", fontsize=10)
+    ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 
@@ -255,7 +282,7 @@ def niah_heatmap(records: list[dict[str, Any]], title: str, path: Path) -> Path 
     for (d, n), vals in cells.items():
         grid[depths.index(d), lengths.index(n)] = sum(vals) / len(vals)
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(2.4 + 0.6 * len(lengths), 1.2 + 0.3 * len(depths)), dpi=90)
+    fig, ax = plt.subplots(figsize=(2.4 + 0.6 * len(lengths), 1.2 + 0.3 * len(depths)), dpi=DPI)
     im = ax.imshow(grid, cmap="RdYlGn", vmin=0.0, vmax=1.0, aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths], fontsize=7)
     ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths], fontsize=7)
@@ -264,7 +291,7 @@ def niah_heatmap(records: list[dict[str, Any]], title: str, path: Path) -> Path 
     ax.set_title(title, fontsize=7)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    fig.savefig(path)
+    fig.savefig(path, dpi=DPI)
     plt.close(fig)
     return path
 

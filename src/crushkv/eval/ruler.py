@@ -115,6 +115,12 @@ class RulerTask(Task):
         self.metrics = ("score", "string_match_all", "string_match_part")
         self.max_new_tokens = max(MAX_NEW_TOKENS[s] for s in self.subtasks)
 
+    def required_data(self) -> tuple[str, ...]:
+        return () if self._text is not None else ("haystack",)
+
+    def max_positions(self) -> int:
+        return max(self.lengths) + self.max_new_tokens
+
     def settings(self) -> dict[str, Any]:
         return {
             "subtasks": list(self.subtasks),

@@ -11,11 +11,15 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from crushkv.errors import CrushkvError
 from crushkv.eval import results
 from crushkv.eval.common import STREAMING, Task
 
-# summary keys that must match for a rerun to append to existing records
-_IDENTITY = ("task", "task_settings", "model", "dtype", "policy", "compression")
+# summary keys that must match for a rerun to append to existing records; batch_size is one because a batch is
+# left-padded and batched matmuls round differently, so greedy outputs can differ from batch size 1 at ties
+_IDENTITY = ("task", "task_settings", "model", "dtype", "policy", "compression", "batch_size")
+# values of identity keys in summaries written before the key existed
+_IDENTITY_DEFAULTS = {"batch_size": 1}
 
 
 @dataclass
@@ -34,7 +38,7 @@ class RunOptions:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-class ConfigMismatch(RuntimeError):
+class ConfigMismatch(CrushkvError, RuntimeError):
     """Existing results in the output directory were produced with different settings."""
 
 
@@ -92,12 +96,13 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
         records_path.unlink(missing_ok=True)
     elif summary_path.exists():
         old = results.read_json(summary_path)
-        diff = [k for k in _IDENTITY if old.get(k) != summary.get(k)]
+        diff = [k for k in _IDENTITY if old.get(k, _IDENTITY_DEFAULTS.get(k)) != summary.get(k)]
         if diff:
             raise ConfigMismatch(
                 f"{summary_path} was written with different {', '.join(diff)}; use --overwrite or another --out"
             )
     summary["environment"] = results.environment()
+    new_run = not summary_path.exists()
 
     examples = task.examples(tokenizer)
     if opts.limit is not None:
@@ -111,6 +116,7 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
     torch.manual_seed(opts.seed)
     t0 = time.perf_counter()
     status = "complete"
+    finished = False
     desc = f"{task.name} {results.policy_slug(canonical).rsplit('_', 1)[0]} {mode}"
     try:
         with records_path.open("a", encoding="utf-8") as fh:
@@ -126,20 +132,26 @@ def run_task(model: Any, tokenizer: Any, task: Task, spec: Any, mode: str, opts:
                         running.append(float(record[task.primary]))
                         bar.set_postfix({task.primary: f"{sum(running) / len(running):.3g}"})
             bar.close()
+        finished = True
     except KeyboardInterrupt:
         status = "interrupted"
         raise
     finally:
         records = [r for r in results.read_records(records_path) if r.get("id") in wanted]
-        summary.update(
-            status=status if len(records) >= len(examples) or status == "interrupted" else "incomplete",
-            finished=_now(),
-            elapsed_s=round(time.perf_counter() - t0, 3),
-            n=len(records),
-            metrics=task.aggregate(records),
-            means=_means(records),
-        )
-        results.write_json(summary_path, summary)
+        if not finished and new_run and not records:
+            # failed before its first example: leave no empty run behind (eval removes a folder it left empty)
+            records_path.unlink(missing_ok=True)
+            summary_path.unlink(missing_ok=True)
+        else:
+            summary.update(
+                status=status if len(records) >= len(examples) or status == "interrupted" else "incomplete",
+                finished=_now(),
+                elapsed_s=round(time.perf_counter() - t0, 3),
+                n=len(records),
+                metrics=task.aggregate(records),
+                means=_means(records),
+            )
+            results.write_json(summary_path, summary)
     return summary
 
 
