@@ -29,7 +29,10 @@ def test_policies_lists_every_registered_policy(capsys):
 
     assert main(["policies"]) == 0
     out = capsys.readouterr().out
-    assert all(name in out for name in REGISTRY) and "+kvcrush" in out
+    assert all(name in out for name in REGISTRY) and "+kvcrush" in out and "+adakv" in out
+    # what a user would not guess from a spec: KVCrush's phase, and the dense store padding ragged heads
+    assert "Default phase=decode whatever the host's" in out
+    assert "store=dense pads every head to the largest" in out and "store=dense|paged" in out
 
 
 def test_version_matches_the_package_metadata(capsys):
