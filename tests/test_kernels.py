@@ -161,7 +161,7 @@ def test_cli_reports_the_kernel(capsys: pytest.CaptureFixture, monkeypatch: pyte
     from crushkv.cli import main
 
     assert main(["kernels", "--check"]) == 0
-    assert "kernels: exact_prompt (" in capsys.readouterr().out
+    assert "kernels: exact_prompt, paged_attend (" in capsys.readouterr().out
     monkeypatch.setenv("CRUSHKV_KERNELS", "never")
     assert main(["kernels"]) == 2
     assert "CRUSHKV_KERNELS='never'" in capsys.readouterr().err
@@ -205,3 +205,55 @@ def test_concurrent_first_loads_register_once(tmp_path, compiled_kernel) -> None
     done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stderr.count("compiling the fused CPU kernel") == 1, done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("store", ["dense", "paged"])
+@pytest.mark.parametrize(
+    ("hk", "g", "q", "n", "dv", "per_head"),
+    [(2, 3, 1, 37, 8, True), (1, 4, 1, 64, 8, False), (3, 1, 3, 50, 12, True), (2, 2, 16, 16, 8, False)],
+)
+def test_paged_kernel_matches_the_op_path(store, hk, g, q, n, dv, per_head, compiled_kernel) -> None:
+    """Decode attention read through the block table (a dense store is one page per row) equals the gathered op
+    path: output, column sums, counts and last row, with holes, per-head masks and new-token causality."""
+    from crushkv.stores import BlockPool, DenseStore, PagedStore
+
+    b, d = 2, 8
+    gen = torch.Generator().manual_seed(hk * 100 + n)
+    keys, values = torch.randn(b, hk, n, d, generator=gen), torch.randn(b, hk, n, dv, generator=gen)
+    query = torch.randn(b, hk * g, q, d, generator=gen)
+    heads = hk if per_head else 1
+    positions = torch.rand(b, heads, n, generator=gen).argsort(-1)  # slots hold positions in any order
+    valid = torch.rand(b, heads, n, generator=gen) > 0.3
+    valid |= positions >= n - q  # this pass's own tokens
+    vis = am.Visibility(positions, valid, torch.arange(n - q, n))
+    row_valid = torch.ones(b, q, dtype=torch.bool)
+    if q > 1:
+        row_valid[0, 0] = False  # a padding query in a multi-token pass contributes no statistics
+    if store == "dense":
+        kv = DenseStore()
+    else:
+        kv = PagedStore(BlockPool(4, d, dv, torch.float32, torch.device("cpu")))
+    kv.adopt(keys, values)
+    for request in (StatsRequest(rows=ALL_ROWS, last=True, count=True), StatsRequest(rows=2), StatsRequest()):
+        got_out, got = am.paged_attend(query, kv.page_view(n), n, vis, row_valid, 0.3, request)
+        with kernels.disabled():
+            assert am.paged_attend(query, kv.page_view(n), n, vis, row_valid, 0.3, request) is None
+        want_out, want = am.attend(query, *kv.dense(n), vis, row_valid, 0.3, request)
+        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+        for name in ("colsum", "count", "last"):
+            a, e = getattr(got, name), getattr(want, name)
+            assert (a is None) == (e is None), name
+            if a is not None:
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
+def test_paged_kernel_rejects_bad_input(compiled_kernel) -> None:
+    op = kernels.paged_attend()
+    rows, pool = torch.randn(1, 1, 1, 8), torch.randn(3, 4, 8)
+    table, vis = torch.tensor([[1, 2]]), torch.ones(1, 1, 1, 8, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="table must map n slots"):
+        op(rows, pool, pool, table, 9, torch.ones(1, 1, 1, 9, dtype=torch.bool), 1.0, False)
+    with pytest.raises(RuntimeError, match="fp32 only"):
+        op(rows.double(), pool, pool, table, 8, vis, 1.0, False)
+    with pytest.raises(RuntimeError, match="int64 table and bool mask"):
+        op(rows, pool, pool, table.int(), 8, vis, 1.0, False)

@@ -135,6 +135,47 @@ def attend(
     return out, stats
 
 
+def paged_attend(
+    query: torch.Tensor,
+    pages,
+    n: int,
+    visibility: Visibility,
+    row_valid: torch.Tensor,
+    scaling: float,
+    request: StatsRequest | None,
+) -> tuple[torch.Tensor, Stats] | None:
+    """Decode attention read page by page through a store's block table (``KVStore.page_view``; a dense store is one
+    page per row) by the compiled kernel: one fused pass, and no gather of a paged store's pages. The same statistics
+    as ``attend``; ``None`` where the kernel does not apply (no kernel, not CPU fp32, autograd): then the caller
+    reads ``KVStore.dense`` instead."""
+    op = kernels.paged_attend()
+    tracked = torch.is_grad_enabled() and query.requires_grad
+    if op is None or tracked or query.device.type != "cpu" or not query.dtype == pages.keys.dtype == torch.float32:
+        return None
+    b, hq, q, d = query.shape
+    hk = pages.table.shape[0] // b
+    g = hq // hk
+    rows = query.reshape(b, hk, g * q, d).contiguous()  # row g * q + i: query i of head g (query heads are KV-major)
+    visible = visibility.rows(0, q).contiguous()
+    request = request or StatsRequest()
+    out, probs = op(rows, pages.keys, pages.values, pages.table, n, visible, scaling, not request.empty)
+    out = out.view(b, hk, g, q, -1).permute(0, 3, 1, 2, 4).reshape(b, q, hq, -1)
+    stats = Stats()
+    if request.empty:
+        return out, stats
+    probs = probs.view(b, hk, g, q, n)
+    if request.rows is not None:
+        i0 = 0 if request.rows == ALL_ROWS else max(0, q - request.rows)
+        weight = row_valid[:, None, None, i0:, None].to(probs.dtype)
+        stats.colsum = (probs[:, :, :, i0:] * weight).sum(-2)
+        if request.count:
+            seen = visible[:, :, i0:].expand(b, hk, -1, -1) & row_valid[:, None, i0:, None]
+            stats.count = seen.sum(-2).float()
+    if request.last:
+        stats.last = probs[:, :, :, -1]
+    return out, stats
+
+
 def _sampled_prompt_pass(
     grouped: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float, stride: int, request: StatsRequest
 ) -> tuple[torch.Tensor, Stats]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from crushkv.attention_math import attend
+from crushkv.attention_math import attend, paged_attend
 from crushkv.layer import CompressedLayer
 from crushkv.layer_stack import DEFER_MAX_BYTES, DEFER_MAX_TOKENS, evict
 from crushkv.policies import Policy, parse_policy
@@ -110,9 +110,16 @@ class CrushCache(Cache):
         policy = self.policy
         active = policy.compresses and (policy.phase == "decode" or first)
         request = policy.request(first, q) if active else None
-        keys, values = layer.attention_inputs(first)
+        visibility = layer.visibility(q, first)
         with PROFILER.section("attention"):
-            out, stats = attend(query, keys, values, layer.visibility(q, first), row_valid, scaling, request)
+            result = None
+            if not first and q <= DEFER_MAX_TOKENS:  # decode: the fused kernel reads the store's pages in place
+                pages = layer.store.page_view(layer.hw)
+                result = paged_attend(query, pages, layer.hw, visibility, row_valid, scaling, request)
+            if result is None:
+                keys, values = layer.attention_inputs(first)
+                result = attend(query, keys, values, visibility, row_valid, scaling, request)
+        out, stats = result
         with PROFILER.section("observe"):
             budgets = layer.finish_pass(stats, first, active)
         if budgets is not None:

@@ -268,7 +268,9 @@ class CompressedLayer(DynamicLayer):
         the store holds them as they are)."""
         if first and not self.store.dense_is_a_view:
             return self.pass_key, self._pass_value
-        return self.store.dense(self.pass_key.shape[2] if first else self.hw)
+        if first:
+            return self.store.dense(self.pass_key.shape[2])
+        return self.store.dense(self.hw, scratch=True)
 
     def finish_pass(self, stats: Stats, first: bool, active: bool) -> tuple[int, ...] | None:
         """Fold the statistics into the policy state; the row budgets when the layer must be cut, else None."""

@@ -1,8 +1,10 @@
 """Optional compiled CPU kernels, built on first use with the system C++ compiler against the installed torch.
 
 ``exact_prompt`` fuses the exact H2O prompt pass (logits, softmax, column sums and ``PV`` per cache-resident row
-block, the causal triangle balanced over the intra-op threads); without it ``attention_math`` runs the same pass as
-PyTorch ops. The build (~20 s, once per torch version) goes to ``<crushkv cache>/kernels/<tag>/``.
+block, the causal triangle balanced over the intra-op threads); ``paged_attend`` reads decode-time attention straight
+from a ``store=paged`` pool through its block table. Without them ``attention_math`` runs the same passes as PyTorch
+ops (the paged store then gathers its pages). The build (~30 s, once per torch version) goes to
+``<crushkv cache>/kernels/<tag>/``.
 
 ``$CRUSHKV_KERNELS``: ``auto`` (default: build when a compiler is found, else fall back with one warning),
 ``off`` (never build or load), ``require`` (a failed build is an error).
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-SOURCE = Path(__file__).with_name("exact_prompt.cpp")
+SOURCES = tuple(Path(__file__).with_name(name) for name in ("exact_prompt.cpp", "paged_decode.cpp"))
 MODES = ("auto", "off", "require")
 
 
@@ -34,6 +36,7 @@ class KernelState:
     """Outcome of the one build/load attempt of this process."""
 
     op: Callable | None = None
+    paged: Callable | None = None
     path: Path | None = None
     error: str | None = None
     attempted: bool = False
@@ -83,7 +86,8 @@ def build_dir() -> Path:
     from crushkv.models import cache_root
 
     tag = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), torch.__version__.encode(), " ".join(_flags()).encode(), sys.platform.encode()):
+    parts = [source.read_bytes() for source in SOURCES]
+    for part in (*parts, torch.__version__.encode(), " ".join(_flags()).encode(), sys.platform.encode()):
         tag.update(part)
     return cache_root() / "kernels" / f"torch{torch.__version__.split('+')[0]}-{tag.hexdigest()[:12]}"
 
@@ -106,9 +110,9 @@ def build() -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if library.exists():  # another process built it while this one waited
             return library
-        print(f"crushkv: compiling the fused CPU kernel into {target} (once, ~20 s)", file=sys.stderr)
+        print(f"crushkv: compiling the fused CPU kernel into {target} (once, ~30 s)", file=sys.stderr)
         partial = target / f".crushkv_kernels.{os.getpid()}.so"
-        cmd = [cxx, str(SOURCE), *_flags(), "-o", str(partial)]
+        cmd = [cxx, *(str(source) for source in SOURCES), *_flags(), "-o", str(partial)]
         done = subprocess.run(cmd, capture_output=True, text=True)
         if done.returncode:
             sys.stderr.write(done.stderr[-4000:])
@@ -141,6 +145,7 @@ def _load_once() -> None:
         if not _registered():  # a library loaded by hand earlier already defines the op: one definition only
             torch.ops.load_library(str(_STATE.path))
         _STATE.op = torch.ops.crushkv.exact_prompt
+        _STATE.paged = torch.ops.crushkv.paged_attend
     except (RuntimeError, OSError) as err:
         _STATE.error = str(err)
         if wanted == "require":
@@ -162,12 +167,19 @@ def exact_prompt() -> Callable | None:
     return load().op
 
 
+def paged_attend() -> Callable | None:
+    """``torch.ops.crushkv.paged_attend`` or ``None`` (kernels off, disabled here, or the build failed)."""
+    if _DISABLED:
+        return None
+    return load().paged
+
+
 def describe() -> str:
     """One line for reports: which compiled kernels this process uses (building them if needed)."""
     if _DISABLED:
         return "off (crushkv.kernels.disabled())"
     state = load()
-    return f"exact_prompt ({state.path})" if state.op is not None else f"off ({state.error})"
+    return f"exact_prompt, paged_attend ({state.path})" if state.op is not None else f"off ({state.error})"
 
 
 @contextlib.contextmanager

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from crushkv.stores.base import KVStore, grown
+from crushkv.stores.base import KVStore, Pages, grown
 from crushkv.stores.dense import DenseStore
 from crushkv.stores.paged import BlockPool, PagedStore
 
 STORES = ("dense", "paged")
 
-__all__ = ["STORES", "BlockPool", "DenseStore", "KVStore", "PagedStore", "grown"]
+__all__ = ["STORES", "BlockPool", "DenseStore", "KVStore", "PagedStore", "Pages", "grown"]

@@ -8,9 +8,18 @@ attention never depend on the memory layout, and every store yields the same slo
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from typing import NamedTuple, Protocol, runtime_checkable
 
 import torch
+
+
+class Pages(NamedTuple):
+    """A store's memory as pages: ``keys``/``values`` ``[pages, page, d]``, ``table`` ``[B * H, width]`` page ids
+    covering each row's slots in order (what a paged attention kernel reads)."""
+
+    keys: torch.Tensor
+    values: torch.Tensor
+    table: torch.Tensor
 
 
 @runtime_checkable
@@ -37,8 +46,12 @@ class KVStore(Protocol):
     def fit(self, used: torch.Tensor, reserve: int) -> None:
         """Release storage above ``used`` ``[B, H]`` slots per row, keeping room for ``reserve`` more tokens."""
 
-    def dense(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Slots ``0..n-1`` of every row as ``[B, H, n, d]`` keys and values (a view where the layout allows)."""
+    def dense(self, n: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``0..n-1`` of every row as ``[B, H, n, d]`` keys and values (a view where the layout allows;
+        ``scratch``: a store that copies may reuse one buffer, valid until the next scratch call)."""
+
+    def page_view(self, n: int) -> Pages:
+        """The pages holding slots ``0..n-1`` of every row (no copy)."""
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension function (beam reorder, repeat, select) to every row."""

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from crushkv.stores.base import grown
+from crushkv.stores.base import Pages, grown
 
 
 class DenseStore:
@@ -65,8 +65,14 @@ class DenseStore:
         if self.capacity > target + max(16, target // 8):
             self._reallocate(target, keep)
 
-    def dense(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense(self, n: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         return self.keys[:, :, :n], self.values[:, :, :n]
+
+    def page_view(self, n: int) -> Pages:
+        # one page per row: the row's whole buffer
+        b, h, capacity, _ = self.keys.shape
+        table = torch.arange(b * h, device=self.keys.device).view(b * h, 1)
+        return Pages(self.keys.view(b * h, capacity, -1), self.values.view(b * h, capacity, -1), table)
 
     def map_batch(self, fn) -> None:
         self.keys, self.values = fn(self.keys).contiguous(), fn(self.values).contiguous()

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from crushkv.stores.base import Pages, grown
+
 #: table entry of an unmapped page: pool page 0 is never handed out, so gathers through it read zeros
 NULL_PAGE = 0
 
@@ -26,6 +28,8 @@ class BlockPool:
         self.values = torch.zeros(1, page, value_dim, dtype=dtype, device=device)
         self.free: list[int] = []  # lowest ids at the end, so allocations come from the bottom of the pool
         self.in_use = 0
+        #: reused gather buffers for attention (layers attend one after the other): no fresh allocation per step
+        self.scratch: dict[str, torch.Tensor] = {}
 
     @property
     def capacity(self) -> int:
@@ -135,7 +139,9 @@ class PagedStore:
         width = int(need.max()) if need.numel() else 0
         self.table = self.table[:, :width].contiguous()
 
-    def dense(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def dense(self, n: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Slots ``0..n-1`` gathered through the table; ``scratch``: into the pool's reused buffers (valid until the
+        next scratch gather, i.e. for one layer's attention)."""
         b, h = self.shape
         width = -(-n // self.page)
         ids = self.table[:, :width]
@@ -143,10 +149,24 @@ class PagedStore:
             ids = torch.cat([ids, ids.new_full((ids.shape[0], width - ids.shape[1]), NULL_PAGE)], dim=1)
         ids = ids.reshape(-1)
         out = []
-        for pool in (self.pool.keys, self.pool.values):
-            gathered = pool.index_select(0, ids).view(b, h, width * self.page, pool.shape[-1])
-            out.append(gathered[:, :, :n])
+        for name, pool in (("keys", self.pool.keys), ("values", self.pool.values)):
+            shape = (ids.numel(), self.page, pool.shape[-1])
+            target = None
+            if scratch:
+                buffer = self.pool.scratch.get(name)
+                if buffer is None or buffer.numel() < ids.numel() * self.page * pool.shape[-1]:
+                    buffer = self.pool.scratch[name] = pool.new_empty(grown(ids.numel()) * self.page * pool.shape[-1])
+                target = buffer[: ids.numel() * self.page * pool.shape[-1]].view(shape)
+            gathered = torch.index_select(pool, 0, ids, out=target) if target is not None else pool.index_select(0, ids)
+            out.append(gathered.view(b, h, width * self.page, pool.shape[-1])[:, :, :n])
         return out[0], out[1]
+
+    def page_view(self, n: int) -> Pages:
+        width = -(-n // self.page)
+        table = self.table[:, :width]
+        if table.shape[1] < width:
+            table = torch.cat([table, table.new_full((table.shape[0], width - table.shape[1]), NULL_PAGE)], dim=1)
+        return Pages(self.pool.keys, self.pool.values, table.contiguous())
 
     def map_batch(self, fn) -> None:
         keys, values = self.dense(self.capacity)
