@@ -17,7 +17,7 @@ from contextlib import contextmanager
 import torch
 from revision import module_at
 
-import crushkv.attention as attention_module
+import crushkv.cache as attention_module  # the cache drives each pass and calls attention_math.attend
 from crushkv import kernels
 from crushkv.bench.commands import parse_lengths, prompt_ids
 from crushkv.bench.timing import timed_generation

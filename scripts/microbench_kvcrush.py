@@ -50,7 +50,7 @@ def main() -> None:
     print("|---:|---|---|" + "---:|" * len(names) + "---:|")
     busy = torch.randn(256, 256)
     for length in parse_lengths(args.lengths):
-        budget = policy.host.budget_for(SimpleNamespace(context_length=length))
+        budget = policy.host.budget_for(SimpleNamespace(context_lengths=(length,)))[0]
         interval = policy.interval_for(budget)
         together = max(1, min(args.layers, DEFER_MAX_BYTES // (2 * args.kv_heads * length * args.head_dim * 4)))
         cuts = [("prompt, one layer", 1, length)]
@@ -65,7 +65,7 @@ def main() -> None:
                     busy @ busy
                     with swapped(variants[name]):
                         start = time.perf_counter()
-                        policy.select(layer, budget)
+                        policy.keep_mask(layer, budget)
                         times[name].append((time.perf_counter() - start) * 1e6)
             cells = " | ".join(f"{statistics.median(times[n]):.0f}" for n in names)
             per_layer = statistics.median(times[names[0]]) / batch
@@ -73,18 +73,27 @@ def main() -> None:
 
 
 def stand_in_layer(batch: int, kv_heads: int, group: int, slots: int, context: int) -> SimpleNamespace:
-    """What ``KVCrush.select`` reads from a layer: validity, H2O's accumulated scores, head count, context length."""
+    """A ``LayerView`` with what ``KVCrush.keep_mask`` reads: tokens in slot order (as at the prompt cut), H2O's
+    accumulated scores, the context length."""
     gen = torch.Generator().manual_seed(0)
     score = torch.rand(batch, kv_heads, group, slots, generator=gen) ** 4
+    anchors: dict = {}
+
+    def per_layer(key, make):
+        anchors.setdefault(key, make(0))
+        return anchors[key].expand(batch, *anchors[key].shape)
+
     return SimpleNamespace(
+        positions=torch.arange(slots).expand(batch, kv_heads, slots),
         valid=torch.ones(batch, kv_heads, slots, dtype=torch.bool),
+        start=torch.zeros(batch, dtype=torch.long),
+        seen=slots,
         state={"score": score, "count": torch.ones(batch, kv_heads, slots)},
-        num_heads=kv_heads,
-        context_length=context,
-        extras={},
-        layer_idx=0,
-        rank=0,
-        num_compressed_layers=1,
+        num_kv_heads=kv_heads,
+        context_lengths=(context,) * batch,
+        aligned=True,
+        order=None,
+        per_layer=per_layer,
     )
 
 

@@ -13,18 +13,23 @@ import time
 
 import torch
 
-from crushkv.cache import CompressedLayer
+from crushkv.layer import CompressedLayer
 from crushkv.layer_stack import LayerStack
 from crushkv.policies import parse_policy
+from crushkv.stores import DenseStore
 
 
 def make_layer(policy, index: int, slots: int, kv_heads: int, group: int) -> CompressedLayer:
-    layer = CompressedLayer(policy, index, index, 1)
+    """A layer after a decode step: ``slots`` tokens in shuffled slots (in-place writes), random H2O scores."""
+    layer = CompressedLayer(policy, index, index, 1, lambda k, v: DenseStore())
     kv = torch.rand(1, kv_heads, slots, 64)
     layer.update(kv, kv.clone())
-    layer.context_length = 4 * (slots - 1)
-    layer.forwards = 5
-    layer.state = {"score": torch.rand(1, kv_heads, group, slots)}
+    layer.begin_pass(None, slots)
+    layer.prompt_done = True
+    layer.context_lengths = (4 * (slots - 1),)
+    layer._positions = torch.rand(1, kv_heads, slots).argsort(-1)
+    layer.ordered = layer.aligned = False
+    layer.set_state("score", torch.rand(1, kv_heads, group, slots))
     return layer
 
 
@@ -57,10 +62,10 @@ def main() -> None:
 
         def one_by_one(layers=layers, policy=policy) -> None:
             for layer in layers:
-                policy.select(layer, budget)
+                policy.keep_mask(layer, budget)
 
         def stacked(layers=layers, policy=policy) -> None:
-            policy.select(LayerStack(layers), budget)
+            policy.keep_mask(LayerStack(layers), budget)
 
         single = per_call_us(one_by_one, args.calls) / args.layers
         batch = per_call_us(stacked, args.calls) / args.layers

@@ -21,9 +21,9 @@ import torch
 import torch.nn.functional as F
 from revision import module_at
 
-from crushkv.attention_math import attend
+from crushkv.attention_math import Visibility, attend
 from crushkv.bench.commands import parse_lengths
-from crushkv.policies.base import ALL_ROWS, StatsRequest
+from crushkv.stats import ALL_ROWS, StatsRequest
 
 
 def main() -> None:
@@ -78,14 +78,21 @@ def inputs(length: int, args: argparse.Namespace, dtype: torch.dtype):
     return q, k, v
 
 
+def plain_prompt(length: int) -> Visibility:
+    """A causal prompt without padding: slots 0..L-1 hold positions 0..L-1, no mask needed."""
+    positions = torch.arange(length).expand(1, 1, length)
+    return Visibility(positions, torch.ones(1, 1, length, dtype=torch.bool), torch.arange(length), plain=True)
+
+
 def profile_ops(length: int, args: argparse.Namespace, dtype: torch.dtype, scale: float) -> str:
     """Self CPU milliseconds per op of one statistics pass (both products of each block are ``aten::bmm``)."""
     q, k, v = inputs(length, args, dtype)
     row_valid = torch.ones(1, length, dtype=torch.bool)
+    plain = plain_prompt(length)
     request = StatsRequest(rows=ALL_ROWS, stride=args.stride)
-    attend(q, k, v, None, True, row_valid, scale, None, request)
+    attend(q, k, v, plain, row_valid, scale, request)
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
-        attend(q, k, v, None, True, row_valid, scale, None, request)
+        attend(q, k, v, plain, row_valid, scale, request)
     ops = sorted(prof.key_averages(), key=lambda e: -e.self_cpu_time_total)
     total = sum(e.self_cpu_time_total for e in ops)
     parts = ", ".join(f"{e.key} {e.self_cpu_time_total / 1e3:.1f} ({e.count}x)" for e in ops[:6])
@@ -96,13 +103,14 @@ def time_length(length: int, args: argparse.Namespace, dtype: torch.dtype, scale
     """Milliseconds per round of SDPA and of the statistics pass (and ``other``'s) at one prompt length."""
     q, k, v = inputs(length, args, dtype)
     row_valid = torch.ones(1, length, dtype=torch.bool)
+    plain = plain_prompt(length)
     request = StatsRequest(rows=ALL_ROWS, stride=args.stride)
     runs = {
         "sdpa": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True),
-        "stats": lambda: attend(q, k, v, None, True, row_valid, scale, None, request),
+        "stats": lambda: attend(q, k, v, plain, row_valid, scale, request),
     }
     if other is not None:
-        runs["other"] = lambda: other.attend(q, k, v, None, True, row_valid, scale, None, request)
+        runs["other"] = lambda: other.attend(q, k, v, plain, row_valid, scale, request)
     times: dict[str, list[float]] = {name: [] for name in runs}
     for fn in runs.values():
         fn()  # warm-up

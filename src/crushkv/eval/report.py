@@ -9,6 +9,7 @@ from typing import Any
 
 from crushkv.eval import paired as stats
 from crushkv.eval import results
+from crushkv.policies import AdaKV, KVCrush, Wrapper, parse_policy
 
 DISPLAY = {
     "full": "Full",
@@ -39,28 +40,37 @@ def _number(text: str | None) -> int | float | None:
 
 
 def policy_label(spec: str) -> tuple[str, float | None, str]:
-    """(family, total budget, row label) in the paper's hh-cl style.
+    """(family, total budget, row label) in the paper's hh-cl style, from the parsed policy (one source of truth).
 
-    E.g. ``("KVCrush (mean)", 512.0, "KVCrush 128-384 (mean)")``; ``"H2O 512-0"``; ``"SnapKV 25%"``; ``"Full"``.
+    E.g. ``("KVCrush (mean)", 512.0, "KVCrush 128-384 (mean)")``; ``"H2O 512-0"``; ``"SnapKV 25%"``;
+    ``"SnapKV+Ada-KV 25%"``; ``"Full"``.
     """
-    name, fields = results.parse_spec(spec)
-    host, _, wrapper = name.partition("+")
-    host_name = DISPLAY.get(host, host)
-    if host == "full" or "budget" not in fields:
+    try:
+        policy = parse_policy(spec)
+    except ValueError:  # a result file of a policy this version no longer knows: label it by its spec
+        return spec, None, spec
+    wrappers = []
+    while isinstance(policy, Wrapper):
+        wrappers.append(policy)
+        policy = policy.host
+    host_name = DISPLAY.get(policy.name, policy.name)
+    if not policy.compresses:
         return host_name, None, host_name
-    budget = _number(fields["budget"])
-    if not wrapper:
+    budget = policy.budget
+    ada = any(isinstance(w, AdaKV) for w in wrappers)
+    base = host_name + ("+Ada-KV" if ada else "")
+    crush = next((w for w in wrappers if isinstance(w, KVCrush)), None)
+    if crush is None:
         if isinstance(budget, float):
-            return host_name, budget, f"{host_name} {budget:.0%}"
-        return host_name, budget, f"{host_name} {budget}-0"
-    family = ("KVCrush" if host == "h2o" else f"{host_name}+KVCrush") + f" ({fields.get('anchor', '?')})"
-    crush = _number(fields.get("crush"))
-    additive = fields.get("additive", "false").lower() == "true"
-    if isinstance(budget, int) and crush is not None:
-        cl = crush if isinstance(crush, int) else round(crush * budget)
-        hh = budget if additive else budget - cl
-        return family, float(hh + cl), f"{family.split(' (')[0]} {hh}-{cl} ({fields.get('anchor', '?')})"
-    return family, budget, f"{family.split(' (')[0]} {budget} crush={fields.get('crush')} ({fields.get('anchor', '?')})"
+            return base, budget, f"{base} {budget:.0%}"
+        return base, budget, f"{base} {budget}-0"
+    family = ("KVCrush" if policy.name == "h2o" and not ada else f"{base}+KVCrush") + f" ({crush.anchor})"
+    short = family.split(" (")[0]
+    if isinstance(budget, int):
+        cl = crush.crush_tokens(budget)
+        hh = budget if crush.additive else budget - cl
+        return family, float(hh + cl), f"{short} {hh}-{cl} ({crush.anchor})"
+    return family, budget, f"{short} {budget} crush={crush.crush} ({crush.anchor})"
 
 
 def _disambiguate(specs: list[str]) -> dict[str, str]:
@@ -145,18 +155,22 @@ def common_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
 
 
 def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
-    """(method, reference) indices: every compressed run vs Full, and every KVCrush run vs each plain host run with
-    the same total budget."""
+    """(method, reference) indices: every compressed run vs Full; every KVCrush run vs each plain host run with the
+    same total budget; every Ada-KV run (without KVCrush) vs each plain host run with the same budget."""
     labels = [policy_label(s["policy"]) for _, s in runs]
     full = [i for i, lab in enumerate(labels) if lab[0] == "Full"]
     pairs = [(i, j) for i, lab in enumerate(labels) if lab[0] != "Full" for j in full]
     for i, (family, budget, _) in enumerate(labels):
-        if "KVCrush" not in family or budget is None:
+        if budget is None or ("KVCrush" not in family and "Ada-KV" not in family):
             continue
+        plain = "KVCrush" not in family  # an Ada-KV run: against the hosts without Ada-KV
         pairs += [
             (i, j)
             for j, other in enumerate(labels)
-            if other[0] not in ("Full",) and "KVCrush" not in other[0] and other[1] == budget
+            if other[0] != "Full"
+            and "KVCrush" not in other[0]
+            and other[1] == budget
+            and (not plain or "Ada-KV" not in other[0])
         ]
     return pairs
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(Path(__file__).with_name(name) for name in ("exact_prompt.cpp", "paged_decode.cpp"))
+#: headers the sources include: part of the build's identity
+HEADERS = (Path(__file__).with_name("softmax.h"),)
 MODES = ("auto", "off", "require")
 
 
@@ -86,7 +88,7 @@ def build_dir() -> Path:
     from crushkv.models import cache_root
 
     tag = hashlib.sha256()
-    parts = [source.read_bytes() for source in SOURCES]
+    parts = [source.read_bytes() for source in (*SOURCES, *HEADERS)]
     for part in (*parts, torch.__version__.encode(), " ".join(_flags()).encode(), sys.platform.encode()):
         tag.update(part)
     return cache_root() / "kernels" / f"torch{torch.__version__.split('+')[0]}-{tag.hexdigest()[:12]}"

@@ -11,6 +11,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "softmax.h"
+
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -49,28 +51,9 @@ std::vector<std::pair<int64_t, int64_t>> row_blocks(int64_t q, int64_t elements)
 // Softmax of row[0, len) in place, row[len, width) zeroed, probabilities added into acc[0, len).
 inline void softmax_accumulate(float* row, int64_t len, int64_t width, float* acc) {
   const int64_t n = Vec::size();
-  Vec vmax(-std::numeric_limits<float>::infinity());
-  int64_t j = 0;
-  for (; j + n <= len; j += n) vmax = at::vec::maximum(vmax, Vec::loadu(row + j));
-  float mx = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return at::vec::maximum(a, b); }, vmax);
-  for (; j < len; ++j) mx = std::max(mx, row[j]);
-
-  const Vec shift(mx);
-  Vec vsum(0.0f);
-  j = 0;
-  for (; j + n <= len; j += n) {
-    const Vec e = (Vec::loadu(row + j) - shift).exp_u20();
-    e.store(row + j);
-    vsum = vsum + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < len; ++j) {
-    row[j] = std::exp(row[j] - mx);
-    sum += row[j];
-  }
-
+  const float sum = crushkv::exp_shifted_sum(row, len);
   const Vec scale(1.0f / sum);
-  j = 0;
+  int64_t j = 0;
   for (; j + n <= len; j += n) {
     const Vec p = Vec::loadu(row + j) * scale;
     p.store(row + j);

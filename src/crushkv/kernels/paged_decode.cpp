@@ -9,6 +9,8 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
+#include "softmax.h"
+
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -40,24 +42,10 @@ inline void axpy(float* out, const float* x, float w, int64_t d) {
 
 // Softmax of row[0, len) in place (masked entries are -inf and become 0).
 inline void softmax(float* row, int64_t len) {
-  float mx = -std::numeric_limits<float>::infinity();
-  for (int64_t j = 0; j < len; ++j) mx = std::max(mx, row[j]);
   const int64_t n = Vec::size();
-  const Vec shift(mx);
-  Vec vsum(0.0f);
+  const float inv = 1.0f / crushkv::exp_shifted_sum(row, len);
   int64_t j = 0;
-  for (; j + n <= len; j += n) {
-    const Vec e = (Vec::loadu(row + j) - shift).exp_u20();
-    e.store(row + j);
-    vsum = vsum + e;
-  }
-  float sum = at::vec::vec_reduce_all<float>([](Vec& a, Vec& b) { return a + b; }, vsum);
-  for (; j < len; ++j) {
-    row[j] = std::exp(row[j] - mx);
-    sum += row[j];
-  }
-  const float inv = 1.0f / sum;
-  for (j = 0; j + n <= len; j += n) (Vec::loadu(row + j) * Vec(inv)).store(row + j);
+  for (; j + n <= len; j += n) (Vec::loadu(row + j) * Vec(inv)).store(row + j);
   for (; j < len; ++j) row[j] *= inv;
 }
 
