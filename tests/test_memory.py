@@ -1,7 +1,7 @@
 """Proof 5: eviction frees real storage, within each store's stated bound, at every step.
 
 * ``store=dense``: one ``[B, H, capacity, d]`` buffer per layer; right after a cut ``capacity = kept + reserve``
-  (``reserve``: the interval for decode-phase policies, one growth step ``max(16, kept // 8)`` for prefill-phase
+  (``reserve``: the interval for decode-phase policies, one growth step ``max(16, kept // 32)`` for prefill-phase
   ones), growing by that step when appends need it. So held bytes <= kept/total of the full cache x 1.02 for a
   decode-phase policy at ``interval=1`` (budget >= 50), and <= kept + one growth step for a prefill-phase one.
 * ``store=paged``: each (batch row, KV head) holds ``ceil(slots in use / page)`` pages, and its holes never exceed

@@ -61,5 +61,6 @@ class KVStore(Protocol):
 
 
 def grown(need: int) -> int:
-    """Capacity after growing to hold ``need`` slots: 12.5 % (at least 16 slots) above it, so appends amortise."""
-    return need + max(16, need // 8)
+    """Capacity after growing to hold ``need`` slots: 1/32 (at least 16 slots) above it, so appends amortise (one
+    copy of the layer per ``need / 32`` appended tokens) while the slack stays near the 2 % users compare against."""
+    return need + max(16, need // 32)

@@ -4,7 +4,7 @@ New tokens go into freed slots (the layer picks them), so a decode step writes `
 nothing: no whole-layer copy per step. The buffer grows geometrically (``grown``) when a write needs more slots and
 is reallocated smaller only when the kept set has shrunk far below it (after a prompt cut), so that
 
-    capacity <= max kept per row + reserve + max(16, capacity / 8)
+    capacity <= max kept per row + reserve + max(16, capacity / 32)
 
 and right after a cut ``capacity = max kept + reserve`` (``reserve``: tokens appended before the next cut, the
 policy's interval). Ragged rows (per-head budgets) pad to the largest row.
@@ -62,7 +62,7 @@ class DenseStore:
     def fit(self, used: torch.Tensor, reserve: int) -> None:
         keep = int(used.max()) if used.numel() else 0
         target = keep + reserve
-        if self.capacity > target + max(16, target // 8):
+        if self.capacity > target + max(16, target // 32):
             self._reallocate(target, keep)
 
     def dense(self, n: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
