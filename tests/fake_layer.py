@@ -52,6 +52,9 @@ class FakeLayer:
     def cached_keys(self) -> torch.Tensor:
         return self._keys
 
+    def cached_values(self) -> torch.Tensor:
+        return self._keys.flip(-1) * 2  # a value per token that is not its key
+
     def per_layer(self, key, make):
         if key not in self.extras:
             self.extras[key] = make(self.layer_idx)

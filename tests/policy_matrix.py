@@ -23,7 +23,7 @@ assert set(STORE_OPTIONS) == set(STORES), "a store without a matrix entry"
 
 
 def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: str | None = None, extra=None) -> str:
-    """A spec for tiny models: sink 2, recent 4 (window 4 where the policy has one)."""
+    """A spec for tiny models: sink 2, recent 4 (window 4 and lag 4 where the policy has them)."""
     cls = REGISTRY[name]
     if not cls.compresses:
         return name if extra is None else f"{name}:{extra}"
@@ -31,6 +31,8 @@ def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: s
     parts = [f"budget={budget}", "sink=2", "recent=4"]
     if "window" in fields:
         parts.append("window=4")
+    if "lag" in fields:  # partitions of 4 tokens, so a 24-token prompt has several
+        parts.append("lag=4")
     if phase:
         parts.append(f"phase={phase}")
     head = name

@@ -16,7 +16,7 @@ PER_HEAD_HOSTS = tuple(name for name in HOSTS if not REGISTRY[name].shared)
 
 
 def _extra(host: str) -> str:
-    return ",window=2" if host in ("snapkv", "pyramidkv") else ""
+    return {"snapkv": ",window=2", "pyramidkv": ",window=2", "lagkv": ",lag=4"}.get(host, "")
 
 
 @st.composite

@@ -333,6 +333,9 @@ class CompressedLayer(DynamicLayer):
     def cached_keys(self) -> torch.Tensor:
         return self.store.dense(self.hw)[0]
 
+    def cached_values(self) -> torch.Tensor:
+        return self.store.dense(self.hw)[1]
+
     def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
         if key not in self.extras:
             self.extras[key] = make(self.layer_idx).to(self.device)

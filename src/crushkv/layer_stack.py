@@ -66,6 +66,9 @@ class LayerStack:
     def cached_keys(self) -> torch.Tensor:
         return torch.cat([layer.cached_keys() for layer in self.layers])
 
+    def cached_values(self) -> torch.Tensor:
+        return torch.cat([layer.cached_values() for layer in self.layers])
+
     def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
         return torch.cat([layer.per_layer(key, make) for layer in self.layers])
 
@@ -96,6 +99,9 @@ class RowView:
 
     def cached_keys(self) -> torch.Tensor:
         return self.layer.cached_keys()[self.row : self.row + 1]
+
+    def cached_values(self) -> torch.Tensor:
+        return self.layer.cached_values()[self.row : self.row + 1]
 
     def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
         return self.layer.per_layer(key, make)[:1]

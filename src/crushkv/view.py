@@ -44,6 +44,9 @@ class LayerView(Protocol):
     def cached_keys(self) -> torch.Tensor:
         """``[B, kv_heads, n, d]`` cached keys (key-based scores such as KNorm)."""
 
+    def cached_values(self) -> torch.Tensor:
+        """``[B, kv_heads, n, dv]`` cached values (value-based scores such as LagKV)."""
+
     def per_layer(self, key: Hashable, make: Callable[[int], torch.Tensor]) -> torch.Tensor:
         """A value fixed per layer (e.g. a random anchor), made once by ``make(layer_idx)`` and repeated over the
         view's batch rows: ``[B, ...]``."""

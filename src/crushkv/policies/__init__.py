@@ -12,7 +12,18 @@ from __future__ import annotations
 import dataclasses
 import typing
 
-from crushkv.policies import full, h2o, knorm, pyramidkv, random, snapkv, streaming, tova  # noqa: F401  (registration)
+from crushkv.policies import (  # noqa: F401  (registration)
+    full,
+    h2o,
+    keydiff,
+    knorm,
+    lagkv,
+    pyramidkv,
+    random,
+    snapkv,
+    streaming,
+    tova,
+)
 from crushkv.policies.adakv import AdaKV
 from crushkv.policies.base import REGISTRY, Host, Policy, Wrapper
 from crushkv.policies.kvcrush import KVCrush
