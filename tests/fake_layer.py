@@ -30,7 +30,15 @@ class FakeLayer:
             positions, valid = positions.gather(-1, perm), valid.gather(-1, perm)
             keys = keys.gather(2, perm[..., None].expand(b, h, length, 4))
         self.positions, self.valid = positions.contiguous(), valid.contiguous()
-        self.state = {"score": scores, "last": scores, "count": torch.ones(b, h, length)}
+        # every host's slot-aligned state names, filled from the given scores
+        vnorm = scores.mean(2, keepdim=True) + 1
+        self.state = {
+            "score": scores,
+            "last": scores,
+            "count": torch.ones(b, h, length),
+            "ea_logits": scores,
+            "ea_vnorm": vnorm,
+        }
         self._keys = keys.contiguous()
         self.seen = length
         first_valid = valid[:, 0].gather(-1, positions[:, 0].argsort(-1)).long().argmax(-1)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -52,3 +53,51 @@ def test_lagkv_on_a_short_sequence_keeps_the_latest_tokens():
     layer = _layer(length=12, pad=0)
     scores = parse_policy("lagkv:budget=8,sink=2,recent=2,lag=8").head_scores(layer)[0, 0, 0]
     assert (scores[2:].diff() > 0).all()
+
+
+def test_unrotate_inverts_the_models_rope():
+    from conftest import tiny_qwen2
+    from crushkv.rope import find_rope, rotate_half, unrotate
+
+    rope = find_rope(tiny_qwen2())
+    positions = torch.arange(30).expand(2, 30)
+    cos, sin = rope(positions, "full_attention")
+    x = torch.randn(2, 3, 30, cos.shape[-1])
+    rotated = x * cos[:, None] + rotate_half(x) * sin[:, None]
+    torch.testing.assert_close(unrotate(rotated, cos[:, None], sin[:, None]), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("positions", ["default", "from-mask"])
+def test_expected_attention_statistics_are_those_of_the_pre_rope_queries(positions):
+    """The query mean that Expected Attention rotates equals the mean of ``q_proj``'s own output (captured), over
+    each row's real tokens after the sink, for a left-padded batch."""
+    import crushkv
+    from conftest import batch_inputs, tiny_llama
+    from crushkv.policies.expected_attention import STATISTICS
+    from crushkv.rope import mean_rotation
+    from oracle import generation_positions
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    captured = {}
+    attn = model.model.layers[1].self_attn
+    hook = attn.q_proj.register_forward_hook(lambda mod, args, out: captured.setdefault("q", out))
+    spec = "expected_attention:budget=12,sink=2,recent=4,future=16"
+    position_ids = None if positions == "default" else generation_positions(mask)  # what generate passes
+    with torch.no_grad(), crushkv.compress(model, spec) as cache:
+        model(ids, attention_mask=mask, position_ids=position_ids, **crushkv.cache_kwargs(model, cache))
+    hook.remove()
+    layer = cache.layers[1]
+    mean, cov = layer.extras[STATISTICS]
+    heads, d = model.config.num_attention_heads, attn.head_dim
+    q = captured["q"].view(2, 24, heads, d).transpose(1, 2)  # pre-RoPE
+    for row, pad in ((0, 5), (1, 0)):
+        real = q[row, :, pad + 2 :]  # after the row's padding and its 2 sink tokens
+        last = 24 if positions == "default" else 24 - pad  # the row's last RoPE position + 1
+        future = torch.arange(last, last + 16)[None]
+        rotation = mean_rotation(*cache.rope(future, "full_attention"))[0]
+        torch.testing.assert_close(mean[row], real.mean(1) @ rotation.T, atol=1e-5, rtol=1e-4)
+        centred = real - real.mean(1, keepdim=True)
+        want = rotation @ (centred.transpose(1, 2) @ centred / real.shape[1]) @ rotation.T
+        torch.testing.assert_close(cov[row], want, atol=1e-5, rtol=1e-4)

@@ -50,7 +50,7 @@ def test_interval_auto_scales_with_the_layer_budget():
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
-        ("h2oo:budget=10", "valid policies: full, h2o"),
+        ("h2oo:budget=10", "valid policies: expected_attention, full, h2o"),
         ("h2o:budgt=10", "valid keys: budget"),
         ("h2o:budget=10,anchor=mean", "unknown key 'anchor'"),
         ("h2o+kvcrush:budget=512,crush=384,anchor=median", "valid anchors: random, mean"),

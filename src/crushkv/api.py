@@ -11,6 +11,7 @@ from crushkv import attention
 from crushkv.cache import CrushCache, text_config
 from crushkv.layer_stack import DEFER_MAX_BYTES
 from crushkv.policies import Policy, parse_policy
+from crushkv.rope import find_rope
 
 #: ``config.model_type`` values whose attention modules crushkv has been checked against
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma3_text", "gemma3")
@@ -70,6 +71,7 @@ def compress(model, policy: str | Policy = "full", defer_bytes: int | None = Non
             "(one compressed cache per model at a time)"
         )
     cache = CrushCache(model.config, policy, DEFER_MAX_BYTES if defer_bytes is None else int(defer_bytes))
+    cache.rope = find_rope(model)
     attention.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.NAME)

@@ -29,7 +29,7 @@ def crushkv_attention(module, query, key, value, attention_mask, dropout=0.0, sc
     if isinstance(layer, CompressedLayer) and layer.pass_key is key:
         if scaling is None:
             scaling = query.shape[-1] ** -0.5
-        return cache.run_attention(layer, query, attention_mask, scaling), None
+        return cache.run_attention(layer, query, attention_mask, scaling, kwargs.get("position_ids")), None
     if isinstance(layer, CompressedLayer) and not cache.foreign_cache_warned:
         cache.foreign_cache_warned = True
         warnings.warn(

@@ -74,6 +74,8 @@ class CrushCache(Cache):
         #: one page pool per (key dim, value dim, dtype, device), shared by the layers of a ``store=paged`` cache
         self.pools: dict[tuple, BlockPool] = {}
         self.foreign_cache_warned = False
+        #: the model's RoPE (``crushkv.rope.find_rope``), set by ``compress`` for query-statistics hosts
+        self.rope = None
 
     def _new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
         if self.policy.store == "paged":
@@ -97,7 +99,9 @@ class CrushCache(Cache):
         return super().update(key_states, value_states, layer_idx, *args, **kwargs)
 
     # ------------------------------------------------------------------ one forward pass of a compressed layer
-    def run_attention(self, layer: CompressedLayer, query: torch.Tensor, attention_mask, scaling: float):
+    def run_attention(
+        self, layer: CompressedLayer, query: torch.Tensor, attention_mask, scaling: float, position_ids=None
+    ) -> torch.Tensor:
         """Attention of this pass's queries over ``layer``'s slots, then statistics, policy state and eviction.
 
         Evictions are queued and run in batches of same-shape layers: a decode pass at its last compressed layer,
@@ -120,6 +124,8 @@ class CrushCache(Cache):
                 keys, values = layer.attention_inputs(first)
                 result = attend(query, keys, values, visibility, row_valid, scaling, request)
         out, stats = result
+        if request is not None and request.queries:
+            self._hand_over(stats, layer, query, row_valid, q, position_ids)
         with PROFILER.section("observe"):
             budgets = layer.finish_pass(stats, first, active)
         if budgets is not None:
@@ -127,6 +133,19 @@ class CrushCache(Cache):
         if self.pending and layer.rank == layer.num_compressed_layers - 1:
             self.evict_pending()
         return out
+
+    def _hand_over(self, stats, layer: CompressedLayer, query, row_valid, q: int, position_ids) -> None:
+        """What query-statistics hosts read: this pass's queries, keys, values, RoPE positions and the RoPE."""
+        if self.rope is None:
+            raise ValueError(f"{self.policy.name} needs the model's rotary embedding, which this model does not expose")
+        stats.query, stats.keys, stats.values = query, layer.pass_key, layer.pass_values
+        if position_ids is not None:  # the positions the model rotated this pass's tokens with
+            stats.rope_positions = position_ids.to(query.device).expand(query.shape[0], q)
+        else:  # generate's rule: counted from each row's first real token
+            logical = torch.arange(layer.seen - q, layer.seen, device=query.device)
+            stats.rope_positions = logical[None] - layer.start[:, None]
+        stats.row_valid, stats.rope = row_valid, self.rope
+        stats.layer_type = "full_attention" if layer.window is None else "sliding_attention"
 
     def evict_pending(self) -> None:
         """Run the queued evictions, same-shape layers in one batched selection."""

@@ -71,7 +71,7 @@ class CompressedLayer(DynamicLayer):
         self.holes = False  # some row may have a free slot below hw
         self._pass_slots: torch.Tensor | None = None
         self.pass_key: torch.Tensor | None = None
-        self._pass_value: torch.Tensor | None = None
+        self.pass_values: torch.Tensor | None = None
         self.key_dim = self.value_dim = 0
         self.notes: list[str] = []
 
@@ -104,7 +104,7 @@ class CompressedLayer(DynamicLayer):
                 self._state[name] = tensor.scatter_(-1, index, 0)
         self._pass_slots = slots
         self.seen += q
-        self.pass_key, self._pass_value = key_states, value_states
+        self.pass_key, self.pass_values = key_states, value_states
         return key_states, value_states
 
     def get_seq_length(self) -> int:
@@ -267,7 +267,7 @@ class CompressedLayer(DynamicLayer):
         """This pass's keys/values: the store's first ``hw`` slots (for the prompt: the pass's own tensors, unless
         the store holds them as they are)."""
         if first and not self.store.dense_is_a_view:
-            return self.pass_key, self._pass_value
+            return self.pass_key, self.pass_values
         if first:
             return self.store.dense(self.pass_key.shape[2])
         return self.store.dense(self.hw, scratch=True)
@@ -275,7 +275,7 @@ class CompressedLayer(DynamicLayer):
     def finish_pass(self, stats: Stats, first: bool, active: bool) -> tuple[int, ...] | None:
         """Fold the statistics into the policy state; the row budgets when the layer must be cut, else None."""
         self.prompt_done = True
-        self.pass_key = self._pass_value = None
+        self.pass_key = self.pass_values = None
         if self.window is not None:
             self._valid[..., : self.hw] &= self._positions[..., : self.hw] > self.seen - self.window
             self.holes = True
@@ -354,6 +354,17 @@ class CompressedLayer(DynamicLayer):
             self.set_state(name, value)
         else:
             self._state[name][..., : value.shape[-1]] += value
+
+    def set_new(self, name: str, value: torch.Tensor) -> None:
+        """Write ``value`` (``[B, H, ..., q]``) into the state ``name`` at this pass's slots (the prompt: all)."""
+        if self._pass_slots is None:
+            self.set_state(name, value)
+            return
+        if name not in self._state:
+            self._state[name] = value.new_zeros(*value.shape[:-1], self.capacity)
+        tensor, slots = self._state[name], self._pass_slots
+        index = slots.view(*slots.shape[:2], *([1] * (tensor.dim() - 3)), slots.shape[-1])
+        tensor.scatter_(-1, index.expand(*tensor.shape[:-1], slots.shape[-1]), value)
 
     def set_state(self, name: str, value: torch.Tensor) -> None:
         """Replace the state ``name`` by slot-aligned ``value`` (``[..., n]``; slots above ``n`` are zero)."""

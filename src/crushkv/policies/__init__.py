@@ -13,6 +13,7 @@ import dataclasses
 import typing
 
 from crushkv.policies import (  # noqa: F401  (registration)
+    expected_attention,
     full,
     h2o,
     keydiff,
