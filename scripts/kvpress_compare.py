@@ -22,17 +22,23 @@ from pathlib import Path
 
 import torch
 
-PRESSES = ("snapkv", "streaming", "observed")
+PRESSES = ("snapkv", "streaming", "observed", "expected", "keydiff", "lagkv")
 
 
 def make_press(name: str, ratio: float):
-    from kvpress import ObservedAttentionPress, SnapKVPress, StreamingLLMPress
+    import kvpress
 
     if name == "snapkv":
-        return SnapKVPress(compression_ratio=ratio, window_size=64, kernel_size=5)
+        return kvpress.SnapKVPress(compression_ratio=ratio, window_size=64, kernel_size=5)
     if name == "streaming":
-        return StreamingLLMPress(compression_ratio=ratio, n_sink=4)
-    return ObservedAttentionPress(compression_ratio=ratio)
+        return kvpress.StreamingLLMPress(compression_ratio=ratio, n_sink=4)
+    if name == "expected":
+        return kvpress.ExpectedAttentionPress(compression_ratio=ratio)
+    if name == "keydiff":
+        return kvpress.KeyDiffPress(compression_ratio=ratio)
+    if name == "lagkv":
+        return kvpress.LagKVPress(compression_ratio=ratio)
+    return kvpress.ObservedAttentionPress(compression_ratio=ratio)
 
 
 def record_kept(press, store: dict[int, list[list[int]]]) -> None:

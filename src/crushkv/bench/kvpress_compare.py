@@ -32,7 +32,14 @@ import torch
 from crushkv.api import cache_kwargs, compress
 
 SCRIPT = Path(__file__).resolve().parents[3] / "scripts" / "kvpress_compare.py"
-PAIRS = {"snapkv": "snapkv", "streaming": "streaming", "observed": "h2o"}
+PAIRS = {
+    "snapkv": "snapkv",
+    "streaming": "streaming",
+    "observed": "h2o",
+    "expected": "expected_attention",
+    "keydiff": "keydiff",
+    "lagkv": "lagkv",
+}
 
 
 def n_kept(length: int, ratio: float) -> int:
@@ -47,6 +54,12 @@ def crushkv_spec(press: str, length: int, ratio: float) -> str:
         return f"snapkv:budget={n},window=64,kernel=5,pool=avg,sink=0,phase=prefill"
     if press == "streaming":
         return f"streaming:budget={n},sink=4,phase=prefill"
+    if press == "expected":  # ExpectedAttentionPress defaults: 4 sinks kept, 512 future positions, covariance, vnorm
+        return f"expected_attention:budget={n},sink=4,recent=0,future=512,phase=prefill"
+    if press == "keydiff":
+        return f"keydiff:budget={n},sink=0,recent=0,phase=prefill"
+    if press == "lagkv":  # LagKVPress defaults: 4 sinks, partitions of 128, the reference-less tail kept first
+        return f"lagkv:budget={n},sink=4,recent=0,lag=128,phase=prefill"
     return f"h2o:budget={n},sink=0,recent=0,norm=lifetime,phase=prefill"  # ObservedAttentionPress
 
 
