@@ -86,6 +86,8 @@ BAD_INPUT = [
     (["eval", "--model", "m", "--task", "niah", "--lengths", "abc"], "token counts like 1024 or 2k, got 'abc'"),
     (["eval", "--model", "m", "--dtype", "float8"], "unknown dtype 'float8'"),
     (["eval", "--model", "m", "--policy", "snapkv:budget=x"], "budget must be a number"),
+    (["eval", "--model", "m", "--task", "ruler", "--ruler-tasks", "qa_1", "--lengths", "1k"], "qa_1 needs a length"),
+    (["eval", "--model", "m", "--task", "ruler", "--ruler-tasks", "niah_single"], "unknown RULER task(s)"),
     (["sweep", "--model", "m"], "give at least one --method"),
     (["bench", "--lengths", "abc"], "--lengths: expected token counts like 1024 or 2k, got 'abc'"),
     (["bench", "--lengths", "0"], "token counts must be >= 1"),

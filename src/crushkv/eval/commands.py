@@ -20,7 +20,7 @@ from crushkv.commands.argtypes import (
 from crushkv.errors import UsageError
 from crushkv.eval.common import COMPRESSION_MODES, QUERY_AWARE
 
-TASKS = ("gsm8k", "niah", "ruler", "ppl")
+TASKS = ("gsm8k", "niah", "ruler", "ruler-lite", "ppl")
 
 
 def _add_run_args(p: argparse.ArgumentParser) -> None:
@@ -53,11 +53,18 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task options")
     g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="gsm8k shots (default 5)")
     g.add_argument(
-        "--lengths", type=token_counts, default=None, help="niah/ruler prompt lengths in tokens, e.g. 1024,2k"
+        "--lengths", type=token_counts, default=None, help="niah/ruler prompt lengths in tokens, e.g. 1024,4k (ruler default 4k)"
     )
     g.add_argument("--depths", type=percents, default=None, help="niah depths in %%, 0-100 (default 0,25,50,75,100)")
-    g.add_argument("--ruler-tasks", type=words, default=None, help="ruler sub-tasks, e.g. niah_single,vt,cwe")
-    g.add_argument("--samples", type=positive_int, default=5, help="ruler samples per sub-task and length (default 5)")
+    g.add_argument(
+        "--ruler-tasks",
+        type=words,
+        default=None,
+        help="ruler tasks (default all 13: niah_single_1..qa_2), e.g. niah_single_1,vt,cwe; ruler-lite: niah_single,vt,...",
+    )
+    g.add_argument(
+        "--samples", type=positive_int, default=None, help="samples per ruler task and length (ruler 20, ruler-lite 5)"
+    )
     g.add_argument("--ppl-length", type=at_least(2), default=1024, help="ppl tokens per document (default 1024)")
     g.add_argument("--ppl-docs", type=positive_int, default=2, help="ppl documents (default 2)")
     g.add_argument(
@@ -104,7 +111,7 @@ def expand_sweep(methods: list[str], budgets: list[str]) -> list[str]:
 
 def build_tasks(args: argparse.Namespace) -> list[Any]:
     """Task objects from the command-line options."""
-    from crushkv.eval import gsm8k, niah, ppl, ruler
+    from crushkv.eval import gsm8k, niah, ppl, ruler, ruler_lite
 
     tasks = []
     for name in dict.fromkeys(args.task or ["niah"]):
@@ -121,12 +128,13 @@ def build_tasks(args: argparse.Namespace) -> list[Any]:
                     **mnt,
                 )
             )
-        elif name == "ruler":
+        elif name in ("ruler", "ruler-lite"):
+            module = ruler if name == "ruler" else ruler_lite
             tasks.append(
-                ruler.RulerTask(
-                    subtasks=args.ruler_tasks or ruler.SUBTASKS,
-                    samples=args.samples,
-                    lengths=args.lengths or ruler.DEFAULT_LENGTHS,
+                module.RulerTask(
+                    subtasks=args.ruler_tasks or (ruler.TASKS if name == "ruler" else ruler_lite.SUBTASKS),
+                    samples=args.samples or (20 if name == "ruler" else 5),
+                    lengths=args.lengths or module.DEFAULT_LENGTHS,
                     seed=args.seed,
                     chat=args.chat,
                 )

@@ -27,7 +27,14 @@ TASK_COLUMNS: dict[str, list[tuple[str, str, float, int]]] = {
     "niah": [("score", "acc", 100.0, 1)],
     "ppl": [("ppl", "ppl", 1.0, 2)],
 }
-RULER_ORDER = ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe")
+#: per-task columns of ``ruler`` (NVIDIA's 13, in RULER's order) and ``ruler-lite`` (crushkv's 6)
+TASK_ORDER = {
+    "ruler": (
+        "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "niah_multikey_3",
+        "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
+    ),
+    "ruler-lite": ("niah_single", "niah_multikey", "niah_multivalue", "vt", "cwe", "fwe"),
+}  # fmt: skip
 
 
 def _number(text: str | None) -> int | float | None:
@@ -95,10 +102,10 @@ def _sort_key(spec: str) -> tuple[int, str, float]:
 
 
 def _columns(task: str, summaries: list[dict[str, Any]]) -> list[tuple[str, str, float, int]]:
-    if task != "ruler":
+    if task not in TASK_ORDER:
         return TASK_COLUMNS.get(task, [(summaries[0].get("primary_metric", "score"), "score", 1.0, 3)])
     present = {k for s in summaries for k in s.get("metrics", {})}
-    subs = [t for t in RULER_ORDER if t in present]
+    subs = [t for t in TASK_ORDER[task] if t in present]
     return [(t, t, 100.0, 1) for t in subs] + [("score", "avg", 100.0, 1)]
 
 
