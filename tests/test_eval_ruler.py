@@ -133,9 +133,8 @@ def test_sentence_splitter_stand_in():
 
 @pytest.fixture(scope="module")
 def real_tokenizer():
-    from conftest import ensure_smollm2
-
     import crushkv
+    from conftest import ensure_smollm2
     from crushkv.data import ensure_data
 
     ensure_data(["ruler"])

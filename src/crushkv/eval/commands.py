@@ -53,14 +53,14 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task options")
     g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="gsm8k shots (default 5)")
     g.add_argument(
-        "--lengths", type=token_counts, default=None, help="niah/ruler prompt lengths in tokens, e.g. 1024,4k (ruler default 4k)"
+        "--lengths", type=token_counts, default=None, help="niah/ruler lengths in tokens, e.g. 1024,4k (ruler: 4k)"
     )
     g.add_argument("--depths", type=percents, default=None, help="niah depths in %%, 0-100 (default 0,25,50,75,100)")
     g.add_argument(
         "--ruler-tasks",
         type=words,
         default=None,
-        help="ruler tasks (default all 13: niah_single_1..qa_2), e.g. niah_single_1,vt,cwe; ruler-lite: niah_single,vt,...",
+        help="ruler tasks (default all 13), e.g. niah_single_1,vt,qa_1; ruler-lite: niah_single,vt,...",
     )
     g.add_argument(
         "--samples", type=positive_int, default=None, help="samples per ruler task and length (ruler 20, ruler-lite 5)"

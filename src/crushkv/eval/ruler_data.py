@@ -70,7 +70,7 @@ GENERATOR_TIMEOUT_S = 1800
 #: enough to survive RULER's singular/plural rewording of the needle templates)
 ANCHOR = 6
 
-_SENT_TOKENIZE = '''"""crushkv's stand-in for NLTK's punkt ``sent_tokenize`` (its model is not on PyPI): see crushkv.eval.ruler_data."""
+_SENT_TOKENIZE = '''"""crushkv's stand-in for NLTK's punkt ``sent_tokenize`` (see crushkv.eval.ruler_data)."""
 import re
 
 _END = re.compile(r"(?:(?<=[.!?])|(?<=[.!?][\\"')\\]]))\\s+(?=[\\"'(\\[]?[A-Z0-9])")
