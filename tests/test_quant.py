@@ -21,16 +21,20 @@ def test_pack_round_trip_and_layout(bits):
     codes = torch.randint(0, 2**bits, (3, 5, 16), dtype=torch.uint8, generator=torch.Generator().manual_seed(bits))
     packed = quant.pack(codes, bits)
     assert packed.dtype == torch.uint8 and packed.shape == (3, 5, 16 * bits // 8)
-    assert torch.equal(quant.unpack(packed, bits), codes)
+    assert torch.equal(quant.unpack(packed, bits, 16), codes)
     if bits < 8:  # code j of a byte sits at bit j * bits (two 4-bit or four 2-bit codes per byte)
         per = 8 // bits
         first = sum(int(codes[0, 0, j]) << (j * bits) for j in range(per))
         assert int(packed[0, 0, 0]) == first
 
 
-def test_pack_rejects_partial_bytes():
-    with pytest.raises(ValueError, match="whole bytes"):
-        quant.pack(torch.zeros(2, 3, dtype=torch.uint8), 2)
+@pytest.mark.parametrize("bits,n", [(2, 10), (2, 3), (4, 5)])
+def test_pack_ragged_last_byte(bits, n):
+    """A head dim that does not fill whole bytes (Qwen2-tiny: 10 channels at 2 bits) keeps a partly used last byte."""
+    codes = torch.randint(0, 2**bits, (4, n), dtype=torch.uint8, generator=torch.Generator().manual_seed(n))
+    packed = quant.pack(codes, bits)
+    assert packed.shape == (4, -(-n * bits // 8)) == (4, quant.packed_width(n, bits))
+    assert torch.equal(quant.unpack(packed, bits, n), codes)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -39,7 +43,7 @@ def test_keys_per_channel_match_the_reference_and_bound(bits):
     keys = torch.randn(2, 8, 12, generator=torch.Generator().manual_seed(0))  # [rows, G tokens, d]
     keys[:, :, 3] *= 20  # an outlier channel gets its own, wider range
     packed, scale, zero = quant.quantize_keys(keys, bits, torch.float32)
-    codes = quant.unpack(packed, bits)
+    codes = quant.unpack(packed, bits, 12)
     for r in range(2):
         for c in range(12):
             want, s, z = _reference_group(keys[r, :, c].tolist(), bits)
@@ -60,14 +64,14 @@ def test_values_per_token_match_the_reference_including_ragged_groups(bits, d, g
     packed, scale, zero = quant.quantize_values(values, bits, group, torch.float32)
     size, count = quant.value_groups(d, group)
     assert scale.shape == (3, 5, count) and packed.shape == (3, 5, d * bits // 8)
-    codes = quant.unpack(packed, bits)
+    codes = quant.unpack(packed, bits, d)
     for t in range(5):
         for g in range(count):
             xs = values[1, t, g * size : (g + 1) * size].tolist()
             want, s, z = _reference_group(xs, bits)
             assert codes[1, t, g * size : g * size + len(xs)].tolist() == want
             assert scale[1, t, g].item() == pytest.approx(s, rel=1e-6) and zero[1, t, g].item() == z
-    back = quant.dequantize_values(packed, scale, zero, bits, group, torch.float32)
+    back = quant.dequantize_values(packed, scale, zero, bits, group, d, torch.float32)
     bound = scale.repeat_interleave(size, -1)[..., :d] / 2
     assert ((back - values).abs() <= bound * (1 + 1e-5) + 1e-6).all()
 

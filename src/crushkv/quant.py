@@ -26,34 +26,36 @@ def levels(bits: int) -> int:
 
 
 def packed_width(d: int, bits: int) -> int:
-    """Bytes holding ``d`` codes of ``bits`` bits (``d * bits`` must be a whole number of bytes)."""
-    if (d * bits) % 8:
-        raise ValueError(f"{d} channels of {bits}-bit codes do not fill whole bytes (need d * bits % 8 == 0)")
-    return d * bits // 8
+    """Bytes holding ``d`` codes of ``bits`` bits (a last byte partly used when ``d * bits`` is not a multiple of 8)."""
+    return -(-d * bits // 8)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """``[..., n]`` uint8 codes below ``2^bits`` -> ``[..., n * bits / 8]`` bytes, code ``j`` of a byte at bit
-    ``j * bits``."""
+    """``[..., n]`` uint8 codes below ``2^bits`` -> ``[..., ceil(n * bits / 8)]`` bytes, code ``j`` of a byte at bit
+    ``j * bits`` (a ragged last byte is padded with zero codes)."""
+    codes = codes.to(torch.uint8)
     if bits == 8:
-        return codes.to(torch.uint8)
-    per = 8 // bits
-    width = packed_width(codes.shape[-1], bits)
+        return codes
+    per, n = 8 // bits, codes.shape[-1]
+    width = packed_width(n, bits)
+    if width * per != n:
+        codes = torch.cat([codes, codes.new_zeros(*codes.shape[:-1], width * per - n)], dim=-1)
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=codes.device)
-    grouped = codes.to(torch.uint8).view(*codes.shape[:-1], width, per) << shifts
+    grouped = codes.view(*codes.shape[:-1], width, per) << shifts
     out = grouped[..., 0]
     for j in range(1, per):
         out = out | grouped[..., j]
     return out
 
 
-def unpack(packed: torch.Tensor, bits: int) -> torch.Tensor:
-    """Inverse of ``pack``: ``[..., w]`` bytes -> ``[..., w * 8 / bits]`` uint8 codes."""
+def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``[..., w]`` bytes -> the first ``n`` uint8 codes ``[..., n]``."""
     if bits == 8:
         return packed
     shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=packed.device)
     codes = (packed[..., None] >> shifts) & levels(bits)
-    return codes.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+    codes = codes.view(*packed.shape[:-1], packed.shape[-1] * (8 // bits))
+    return codes if codes.shape[-1] == n else codes[..., :n]
 
 
 def minmax(x: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, live: torch.Tensor | None = None):
@@ -112,7 +114,7 @@ def quantize_keys(keys: torch.Tensor, bits: int, dtype: torch.dtype, live: torch
 
 def dequantize_keys(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, dtype: torch.dtype):
     """Packed key codes ``[..., d*b/8]`` with their group's per-channel ``scale``/``zero`` ``[..., d]``."""
-    return dequantize(unpack(packed, bits), scale, zero, dtype)
+    return dequantize(unpack(packed, bits, scale.shape[-1]), scale, zero, dtype)
 
 
 def quantize_values(values: torch.Tensor, bits: int, group: int, dtype: torch.dtype):
@@ -127,11 +129,10 @@ def quantize_values(values: torch.Tensor, bits: int, group: int, dtype: torch.dt
 
 
 def dequantize_values(
-    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, dtype: torch.dtype
+    packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int, group: int, d: int, dtype: torch.dtype
 ) -> torch.Tensor:
-    """Packed value codes ``[..., d*b/8]`` with per-token ``scale``/``zero`` ``[..., groups]``."""
-    codes = unpack(packed, bits)
-    d = codes.shape[-1]
+    """Packed value codes ``[..., d*b/8]`` of ``d`` channels with per-token ``scale``/``zero`` ``[..., groups]``."""
+    codes = unpack(packed, bits, d)
     size, count = value_groups(d, group)
     if size * count == d:
         grouped = codes.view(*codes.shape[:-1], count, size)

@@ -266,6 +266,7 @@ class QuantStore:
             self.value_zero[:, :, :n],
             self.bits,
             self.group,
+            self.fp_values.shape[-1],
             self.dtype,
         )
         if self.count:  # the residual at full precision, each live entry into its slot (dead ones into row n)
