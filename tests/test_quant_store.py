@@ -29,7 +29,8 @@ def _reference(keys, values, bits, group, quantized: int):
     for g0 in range(0, quantized, group):
         block = keys[:, :, g0 : g0 + group]
         packed, scale, zero = quant.quantize_keys(block, bits, keys.dtype)
-        want_k[:, :, g0 : g0 + group] = quant.dequantize_keys(packed, scale[:, :, None], zero[:, :, None], bits, keys.dtype)
+        back = quant.dequantize_keys(packed, scale[:, :, None], zero[:, :, None], bits, keys.dtype)
+        want_k[:, :, g0 : g0 + group] = back
     packed, scale, zero = quant.quantize_values(values[:, :, :quantized], bits, group, values.dtype)
     want_v[:, :, :quantized] = quant.dequantize_values(packed, scale, zero, bits, group, DV, values.dtype)
     return want_k, want_v
@@ -74,7 +75,8 @@ def test_eviction_inside_a_group_keeps_the_neighbours_exact():
     kept = ~freed
     kept[0, 0, 1] = False
     kept[0, 1, 3] = kept[1, 0, 4] = False  # rewritten (those rows' tokens there were replaced)
-    assert torch.equal(after_k[:, :, :16][kept], before_k[kept]) and torch.equal(after_v[:, :, :16][kept], before_v[kept])
+    assert torch.equal(after_k[:, :, :16][kept], before_k[kept])
+    assert torch.equal(after_v[:, :, :16][kept], before_v[kept])
     assert torch.equal(after_k[0, 0, 1], keys[0, 0, 16]) and torch.equal(after_v[0, 0, 1], values[0, 0, 16])
     # compaction of row (1, 1): its slot 9 (a full-precision token) and slot 3 (quantized) move into holes
     rows, src, dst = torch.tensor([3, 3]), torch.tensor([9, 3]), torch.tensor([5, 2])
