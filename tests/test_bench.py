@@ -232,7 +232,6 @@ def test_quant_speed_rows_on_a_tiny_model():
     """The quantized-slots benchmark runs every row on the same prompt (the peer row says why when quanto is not
     installed); with a residual over the length, KIVI-4 decodes exactly the unquantized tokens."""
     from conftest import tiny_llama
-
     from crushkv.bench import quant_speed
 
     torch.manual_seed(0)
