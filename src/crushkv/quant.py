@@ -58,6 +58,19 @@ def unpack(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     return codes if codes.shape[-1] == n else codes[..., :n]
 
 
+_CODE_TABLES: dict[tuple[int, torch.device], torch.Tensor] = {}
+
+
+def code_table(bits: int, device: torch.device) -> torch.Tensor:
+    """``[256, 8 / bits]`` fp32: the codes packed in each byte value, so unpacking is one row lookup per byte
+    (cheaper than shifting and masking every code, then converting it)."""
+    key = (bits, torch.device(device))
+    if key not in _CODE_TABLES:
+        byte = torch.arange(256, dtype=torch.uint8, device=device)
+        _CODE_TABLES[key] = unpack(byte[:, None], bits, 8 // bits).float()
+    return _CODE_TABLES[key]
+
+
 def minmax(x: torch.Tensor, dim: int, bits: int, dtype: torch.dtype, live: torch.Tensor | None = None):
     """``(scale, zero)`` of the groups of ``x`` along ``dim`` (removed), rounded to ``dtype``.
 

@@ -42,22 +42,28 @@ MAX_GROUP_ROWS = torch.iinfo(torch.int16).max
 
 class QuantScratch:
     """Dequantization buffers shared by one cache's layers (they attend one after the other), plus which layer's
-    contents they hold, so a pass that asks twice (kernel pages, then a fallback) dequantizes once."""
+    contents they hold, so a pass that asks twice (kernel pages, then a fallback) dequantizes once. Reused from
+    step to step: fresh multi-megabyte tensors per layer would cost page faults on every decode step."""
 
     def __init__(self) -> None:
-        self.keys: torch.Tensor | None = None
-        self.values: torch.Tensor | None = None
+        self.flat: dict[str, torch.Tensor] = {}
         self.holder: tuple[int, int, int] | None = None
+
+    def buffer(self, name: str, numel: int, like: torch.Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A flat buffer of at least ``numel`` elements (``dtype``, else ``like``'s), valid until the next call."""
+        dtype = dtype or like.dtype
+        current = self.flat.get(name)
+        if current is None or current.numel() < numel or current.dtype != dtype or current.device != like.device:
+            current = self.flat[name] = like.new_empty(grown(numel), dtype=dtype)
+            if name in ("keys", "values"):
+                self.holder = None
+        return current[:numel]
 
     def buffers(self, b: int, h: int, n: int, like_k: torch.Tensor, like_v: torch.Tensor):
         """``[B, H, n + 1, d]`` key and value buffers (row ``n`` of each takes the dead residual entries)."""
-        need_k, need_v = b * h * (n + 1) * like_k.shape[-1], b * h * (n + 1) * like_v.shape[-1]
-        if self.keys is None or self.keys.numel() < need_k or self.keys.dtype != like_k.dtype:
-            self.keys, self.holder = like_k.new_empty(grown(need_k)), None
-        if self.values is None or self.values.numel() < need_v or self.values.dtype != like_v.dtype:
-            self.values, self.holder = like_v.new_empty(grown(need_v)), None
-        keys = self.keys[:need_k].view(b, h, n + 1, like_k.shape[-1])
-        values = self.values[:need_v].view(b, h, n + 1, like_v.shape[-1])
+        dk, dv = like_k.shape[-1], like_v.shape[-1]
+        keys = self.buffer("keys", b * h * (n + 1) * dk, like_k).view(b, h, n + 1, dk)
+        values = self.buffer("values", b * h * (n + 1) * dv, like_v).view(b, h, n + 1, dv)
         return keys, values
 
 
@@ -253,22 +259,8 @@ class QuantStore:
         keys, values = self.scratch.buffers(b, h, n, self.fp_keys, self.fp_values)
         if self.scratch.holder == holder:
             return keys, values
-        where = self.where[:, :, :n]
-        if self.key_scale.shape[2]:
-            row = where.clamp(min=0).long()[..., None].expand(b, h, n, self.key_scale.shape[-1])
-            scale, zero = self.key_scale.gather(2, row), self.key_zero.gather(2, row)
-            keys[:, :, :n] = quant.dequantize_keys(self.key_codes[:, :, :n], scale, zero, self.bits, self.dtype)
-        else:
-            keys[:, :, :n] = 0
-        values[:, :, :n] = quant.dequantize_values(
-            self.value_codes[:, :, :n],
-            self.value_scale[:, :, :n],
-            self.value_zero[:, :, :n],
-            self.bits,
-            self.group,
-            self.fp_values.shape[-1],
-            self.dtype,
-        )
+        self._dequantize_keys(keys[:, :, :n], n)
+        self._dequantize_values(values[:, :, :n], n)
         if self.count:  # the residual at full precision, each live entry into its slot (dead ones into row n)
             owner = self.fp_owner[:, :, : self.count]
             target = torch.where(self._live(self.count) & (owner < n), owner, n)
@@ -277,6 +269,50 @@ class QuantStore:
                 buffer.scatter_(2, index, fifo[:, :, : self.count])
         self.scratch.holder = holder
         return keys, values
+
+    def _codes(self, packed: torch.Tensor, d: int, name: str) -> torch.Tensor:
+        """fp32 codes ``[B, H, n, d]`` of packed ``[B, H, n, w]`` bytes: one lookup per byte, in scratch buffers."""
+        table = quant.code_table(self.bits, packed.device)
+        index = self.scratch.buffer(f"{name}.bytes", packed.numel(), packed, torch.long)
+        index.copy_(packed.reshape(-1))
+        codes = self.scratch.buffer(f"{name}.codes", index.numel() * table.shape[1], table)
+        torch.index_select(table, 0, index, out=codes.view(index.numel(), table.shape[1]))
+        codes = codes.view(*packed.shape[:-1], packed.shape[-1] * table.shape[1])
+        return codes if codes.shape[-1] == d else codes[..., :d]
+
+    def _dequantize_keys(self, out: torch.Tensor, n: int) -> None:
+        """Keys of slots ``0..n-1`` into ``out``: each slot's codes with its group row's per-channel range (rows
+        looked up whole, one contiguous ``[d]`` copy per slot, instead of an element-wise gather)."""
+        b, h, rows, dk = self.key_scale.shape
+        if not rows:  # nothing quantized yet: every held token is in the residual
+            out.zero_()
+            return
+        codes = self._codes(self.key_codes[:, :, :n], dk, "keys")
+        flat = torch.arange(b * h, device=out.device).view(b, h, 1) * rows + self.where[:, :, :n].clamp(min=0)
+        flat = flat.view(-1)
+        ranges = []
+        for name, table in (("scale", self.key_scale), ("zero", self.key_zero)):
+            target = self.scratch.buffer(f"keys.{name}", flat.numel() * dk, table).view(flat.numel(), dk)
+            ranges.append(torch.index_select(table.view(-1, dk), 0, flat, out=target).view(b, h, n, dk))
+        scale, zero = ranges
+        if self.dtype == torch.float32:
+            torch.addcmul(zero, codes, scale, out=out)
+        else:
+            out.copy_(quant.dequantize(codes, scale, zero, self.dtype))
+
+    def _dequantize_values(self, out: torch.Tensor, n: int) -> None:
+        """Values of slots ``0..n-1`` into ``out``: codes with the slot's own per-token ranges."""
+        dv = out.shape[-1]
+        codes = self._codes(self.value_codes[:, :, :n], dv, "values")
+        scale, zero = self.value_scale[:, :, :n], self.value_zero[:, :, :n]
+        groups = scale.shape[-1]
+        if self.dtype != torch.float32 or self.value_size * groups != dv:  # 16-bit models, a ragged channel group
+            out.copy_(
+                quant.dequantize_values(self.value_codes[:, :, :n], scale, zero, self.bits, self.group, dv, self.dtype)
+            )
+            return
+        shape = (*out.shape[:3], groups, self.value_size)
+        torch.addcmul(zero[..., None], codes.view(shape), scale[..., None], out=out.view(shape))
 
     def dense(self, n: int, scratch: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
         keys, values = self._dequantized(n)
