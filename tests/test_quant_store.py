@@ -36,13 +36,14 @@ def _reference(keys, values, bits, group, quantized: int):
     return want_k, want_v
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_prompt_and_appends_read_back_as_kivi(bits):
+def test_prompt_and_appends_read_back_as_kivi(bits, dtype):
     """Prompt of 17 with residual 6, group 4: 8 positions quantized at once, 9 at full precision. Appends quantize
     the oldest group whenever residual + group = 10 tokens are at full precision: after 5, positions 8..15 are
     quantized (two groups, one at a time) and the newest 6 are exact."""
     store = _store(bits)
-    keys, values = _tokens(22)
+    keys, values = (t.to(dtype) for t in _tokens(22))
     store.adopt(keys[:, :, :17], values[:, :, :17])
     want_k, want_v = _reference(keys[:, :, :17], values[:, :, :17], bits, 4, 8)
     got_k, got_v = store.dense(17)
