@@ -4,28 +4,86 @@ While a compressed ``generate`` runs, a logits processor records, after every fo
 each (layer, KV head) keeps. A query at step ``s`` saw exactly the slots kept after step ``s-1`` plus itself, so a
 teacher-forced eager forward over the whole sequence with those per-row, per-head masks must reproduce every step's
 logits. Sliding-window layers get their usual window mask.
+
+Quantized stores (``quant=``) hold keys/values that differ from the model's: ``record_store_kv`` snapshots, at every
+decode pass's attention, the dequantized K/V each such layer's store hands to attention, and the oracle's decode rows
+of that layer attend over exactly those tensors (the prompt pass attends at full precision, as the cache does).
 """
 
 from __future__ import annotations
+
+import contextlib
+from collections import defaultdict
 
 import torch
 from transformers import AttentionInterface, LogitsProcessor, LogitsProcessorList
 
 from crushkv.api import cache_kwargs
+from crushkv.cache import CrushCache
 from crushkv.layer import CompressedLayer
+from crushkv.stores import QuantStore
 
 ORACLE = "crushkv_oracle"
 _MASKS: dict[int, torch.Tensor] = {}
+#: per layer, per decode pass: (keys, values) ``[B, H, T, d]`` by position, what the store gave attention
+_STORED: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}
 
 
-def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+def _attend(query, key, value, allowed, scaling):
     groups = query.shape[1] // key.shape[1]
     key = key.repeat_interleave(groups, dim=1)
     value = value.repeat_interleave(groups, dim=1)
     logits = torch.matmul(query, key.transpose(-1, -2)) * (scaling or query.shape[-1] ** -0.5)
-    allowed = _MASKS[module.layer_idx].repeat_interleave(groups, dim=1)
+    allowed = allowed.repeat_interleave(groups, dim=1)
     probs = torch.softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1).to(query.dtype)
-    return torch.matmul(probs, value).transpose(1, 2).contiguous(), probs
+    return torch.matmul(probs, value), probs
+
+
+def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, softcap=None, **kwargs):
+    allowed = _MASKS[module.layer_idx]
+    out, probs = _attend(query, key, value, allowed, scaling)
+    stored = _STORED.get(module.layer_idx, [])
+    first = query.shape[2] - len(stored)  # the decode rows: one per recorded pass
+    for step, (keys, values) in enumerate(stored):
+        row = slice(first + step, first + step + 1)
+        out[:, :, row], probs[:, :, row] = _attend(query[:, :, row], keys, values, allowed[:, :, row], scaling)
+    return out.transpose(1, 2).contiguous(), probs
+
+
+@contextlib.contextmanager
+def record_store_kv():
+    """Within the block, every decode pass of a layer on a ``QuantStore`` records ``(positions, valid, keys,
+    values)`` of its slots as its attention reads them; yields ``{layer index: [per pass]}``."""
+    records: dict[int, list] = defaultdict(list)
+    original = CrushCache.run_attention
+
+    def run_attention(self, layer, query, *args, **kwargs):
+        if layer.prompt_done and isinstance(layer.store, QuantStore):
+            keys, values = layer.store.dense(layer.hw)
+            records[layer.layer_idx].append((layer.positions.clone(), layer.valid.clone(), keys, values))
+        return original(self, layer, query, *args, **kwargs)
+
+    CrushCache.run_attention = run_attention
+    try:
+        yield records
+    finally:
+        CrushCache.run_attention = original
+
+
+def stored_by_position(records, total: int) -> dict[int, list[tuple[torch.Tensor, torch.Tensor]]]:
+    """``record_store_kv``'s slots rearranged by position: ``[B, H, total, d]`` per pass (zeros where not held)."""
+    out = {}
+    for idx, passes in records.items():
+        out[idx] = []
+        for positions, valid, keys, values in passes:
+            where = torch.where(valid, positions, total)[..., None]
+            by_position = []
+            for t in (keys, values):
+                buffer = t.new_zeros(*t.shape[:2], total + 1, t.shape[-1])
+                buffer.scatter_(2, where.expand_as(t), t)
+                by_position.append(buffer[:, :, :total])
+            out[idx].append(tuple(by_position))
+    return out
 
 
 AttentionInterface.register(ORACLE, _oracle_attention)
@@ -93,11 +151,14 @@ def oracle_masks(
 
 
 def oracle_logits(
-    model, sequence: torch.Tensor, positions: torch.Tensor, masks: dict[int, torch.Tensor]
+    model, sequence: torch.Tensor, positions: torch.Tensor, masks: dict[int, torch.Tensor], stored=None
 ) -> torch.Tensor:
-    """Logits of the teacher-forced forward under ``masks`` (eager maths)."""
+    """Logits of the teacher-forced forward under ``masks`` (eager maths); ``stored`` (``stored_by_position``):
+    the K/V the decode rows of those layers attend over instead of the forward's own."""
     _MASKS.clear()
     _MASKS.update(masks)
+    _STORED.clear()
+    _STORED.update(stored or {})
     previous = model.config._attn_implementation
     model.set_attn_implementation(ORACLE)
     try:
@@ -106,6 +167,7 @@ def oracle_logits(
     finally:
         model.set_attn_implementation(previous)
         _MASKS.clear()
+        _STORED.clear()
 
 
 def generation_positions(mask: torch.Tensor) -> torch.Tensor:

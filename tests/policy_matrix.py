@@ -20,6 +20,9 @@ ADAKV_VARIANTS = ("floor=0.2", "floor=0.5,crush=4,anchor=mean")
 #: granularity of both stores, so the two hold the same slots)
 STORE_OPTIONS = {"dense": "store=dense,page=4", "paged": "store=paged,page=4"}
 assert set(STORE_OPTIONS) == set(STORES), "a store without a matrix entry"
+#: quantized slots (on the dense store) for tiny models: groups of 4 tokens / 4 channels and an 8-token residual, so
+#: a 24-token prompt is mostly quantized and decoding quantizes a new key group every 4 tokens
+QUANT_OPTIONS = {"int4": "quant=int4,group=4,residual=8", "int2": "quant=int2,group=4,residual=8"}
 
 
 def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: str | None = None, extra=None) -> str:
@@ -44,9 +47,14 @@ def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: s
     return f"{head}:{','.join(options)}"
 
 
-def all_specs(budget: int | float, phase: str | None = None, store: str | None = None) -> list[str]:
-    """Every host policy, every host under each KVCrush variant, every per-head host under each Ada-KV variant."""
-    extra = STORE_OPTIONS[store] if store else None
+def all_specs(
+    budget: int | float, phase: str | None = None, store: str | None = None, quant: str | None = None
+) -> list[str]:
+    """Every host policy, every host under each KVCrush variant, every per-head host under each Ada-KV variant
+    (``quant``: a ``QUANT_OPTIONS`` entry, on the dense store)."""
+    options = [STORE_OPTIONS[store]] if store else []
+    options += [QUANT_OPTIONS[quant]] if quant else []
+    extra = ",".join(options) or None
     specs = [small_spec(name, budget, phase, extra=extra) for name in sorted(REGISTRY)]
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]

@@ -226,3 +226,19 @@ def test_the_4k_target_names_the_length_it_is_checked_at(report):
     assert scoring(report["targets"]) == {("score collection <= 10% of prefill at 128 (closest to the 4k target)", 128)}
     at_4k = [dict(c, length=4096 if c["length"] == 128 else c["length"]) for c in report["cells"]]
     assert scoring(check_targets(at_4k)) == {("score collection <= 10% of prefill at 4k", 4096)}
+
+
+def test_quant_speed_rows_on_a_tiny_model():
+    """The quantized-slots benchmark runs every row on the same prompt (the peer row says why when quanto is not
+    installed); with a residual over the length, KIVI-4 decodes exactly the unquantized tokens."""
+    from conftest import tiny_llama
+    from crushkv.bench import quant_speed
+
+    torch.manual_seed(0)
+    model = tiny_llama().eval()
+    rows = quant_speed.run(model, [40], new_tokens=4, group=4, residual=64)
+    names = [r["policy"].split(":")[0].split("(")[0] for r in rows]
+    assert names == ["full", "full", "snapkv", "transformers QuantizedCache"]
+    full, kivi = rows[0], rows[1]
+    assert kivi["output_ids"] == full["output_ids"] and "quant=int4" in kivi["policy"]
+    assert "missing" in rows[3] or len(rows[3]["output_ids"]) == 4

@@ -42,6 +42,28 @@ def test_large_budget_matches_uncompressed(arch_model, spec, store):
         assert cache.kept_positions(layer).shape[-1] == ids.shape[1] + NEW_TOKENS - 1
 
 
+#: quantized slots whose residual holds the whole sequence (24 + 20 tokens): nothing is ever quantized
+WHOLE_RESIDUAL = "quant=int4,group=4,residual=64"
+
+
+@pytest.mark.parametrize("spec", all_specs(budget=64))
+def test_quantized_store_with_a_residual_over_the_length_matches_uncompressed(arch_model, spec):
+    """Budget >= length and residual >= length: the quantized store's logits are bit-identical to the unquantized
+    dense store's (the same spec without ``quant=``), and equal the uncompressed cache's."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    reference = _generate(model, ids, mask)
+    results = []
+    for extra in ("store=dense", WHOLE_RESIDUAL):
+        with crushkv.compress(model, f"{spec}{':' if spec == 'full' else ','}{extra}") as cache:
+            results.append(_generate(model, ids, mask, **crushkv.cache_kwargs(model, cache)))
+    dense, quantized = results
+    assert torch.equal(quantized.sequences, reference.sequences)
+    for got, plain, want in zip(quantized.logits, dense.logits, reference.logits, strict=True):
+        assert torch.equal(got, plain)
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=0)
+
+
 def test_ratio_budget_of_one_keeps_everything(arch_model):
     """A ratio is resolved against the prompt; with phase=prefill a ratio of 1.0 never evicts."""
     _, model = arch_model

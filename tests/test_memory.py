@@ -169,3 +169,51 @@ def test_mask_sizes_accept_count_or_cache_position(arch_model):
             layer = cache.layers[i]
             assert layer.get_mask_sizes(torch.arange(PROMPT, PROMPT + 3)) == layer.get_mask_sizes(3)
             assert layer.get_mask_sizes(3) == (3, PROMPT)
+
+
+QUANT = "quant=int4,group=16,residual=32"
+
+
+def _quant_formula(layer: CompressedLayer) -> int:
+    """Bytes a quantized layer should hold, from what it keeps (not from the store's own counters): per (batch row,
+    KV head) packed codes and value ranges for every slot, a key range per group of ``group`` positions some held
+    quantized token belongs to, and a residual FIFO of ``residual + group`` full-precision tokens."""
+    store = layer.store
+    b, h = layer.valid.shape[:2]
+    s = layer.dtype.itemsize
+    bits, group, residual = store.bits, store.group, store.residual
+    dk, dv = layer.key_dim, layer.value_dim
+    per_slot = -(-dk * bits // 8) + -(-dv * bits // 8) + 2 * -(-dv // min(group, dv)) * s + 2  # + int16 ``where``
+    quantized_below = max(0, layer.seen - residual) // group * group  # positions older than the residual window
+    held = layer.positions[layer.valid & (layer.positions < quantized_below)]
+    groups = int(torch.unique(held // group).numel())
+    fifo = (residual + group) * ((dk + dv) * s + 8)  # + the int64 owner slot of each entry
+    return b * h * (store.capacity * per_slot + groups * 2 * dk * s + fifo)
+
+
+@pytest.mark.parametrize("spec", ["full", *SPECS])
+def test_quantized_storage_equals_the_formula_at_every_step(arch_model, spec):
+    """Packed bits + scales/zeros + residual: the real bytes equal the formula within 2 % after the prompt and at
+    every decode step, with and without eviction (groups whose tokens are all evicted are given back)."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=PROMPT, pad=7)
+    spec = f"full:{QUANT}" if spec == "full" else f"{spec},{QUANT}"
+
+    def check():
+        for i in cache.compressed_layers:
+            layer = cache.layers[i]
+            real = layer.store.nbytes()
+            assert real == sum(t.untyped_storage().nbytes() for t in vars(layer.store).values() if torch.is_tensor(t))
+            assert abs(real - _quant_formula(layer)) <= 0.02 * _quant_formula(layer), (real, _quant_formula(layer))
+            if cache.policy.compresses and cache.policy.phase == "decode":  # slots: the dense store's bound
+                assert layer.store.capacity <= int(layer.counts().max()) + layer.reserve_after_cut((BUDGET,))
+
+    with torch.no_grad(), crushkv.compress(model, spec) as cache:
+        out = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
+        check()
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(40):  # past two more key groups
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(token, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
+            token = out.logits[:, -1:].argmax(-1)
+            check()

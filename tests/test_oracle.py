@@ -8,8 +8,15 @@ import torch
 import crushkv
 from conftest import batch_inputs
 from crushkv.stores import STORES
-from oracle import generate_recorded, generation_positions, oracle_logits, oracle_masks
-from policy_matrix import STORE_OPTIONS, all_specs
+from oracle import (
+    generate_recorded,
+    generation_positions,
+    oracle_logits,
+    oracle_masks,
+    record_store_kv,
+    stored_by_position,
+)
+from policy_matrix import QUANT_OPTIONS, STORE_OPTIONS, all_specs
 
 NEW_TOKENS = 12
 BUDGET = 12
@@ -17,13 +24,15 @@ BUDGET = 12
 
 def _check_against_oracle(model, spec: str, **generate_kwargs) -> None:
     ids, mask = batch_inputs(batch=2, length=24, pad=5)
-    with crushkv.compress(model, spec) as cache:
+    with crushkv.compress(model, spec) as cache, record_store_kv() as records:
         out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS, **generate_kwargs)
     sequence = out.sequences[:, :-1]
     total = sequence.shape[1]
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], total - mask.shape[1], dtype=mask.dtype)], dim=1)
     masks = oracle_masks(model, cache, recorder, mask, total)
-    reference = oracle_logits(model, sequence, generation_positions(full_mask), masks)
+    stored = stored_by_position(records, total)
+    assert bool(stored) == ("quant=" in spec), "quantized layers (only those) hand their stored K/V to the oracle"
+    reference = oracle_logits(model, sequence, generation_positions(full_mask), masks, stored)
     prompt = ids.shape[1]
     for step, logits in enumerate(out.logits):
         torch.testing.assert_close(logits, reference[:, prompt - 1 + step], atol=2e-5, rtol=0)
@@ -39,12 +48,52 @@ MATRIX = [
     for spec in all_specs(budget=BUDGET, phase=phase, store=store)
     if "phase=" in spec or phase == "prefill"  # ``full`` has no phase: once per store
 ]
+#: the whole matrix again on quantized slots: logits equal the oracle attending over the store's dequantized K/V
+QUANT_MATRIX = [
+    spec
+    for phase in ("prefill", "decode")
+    for spec in all_specs(budget=BUDGET, phase=phase, quant="int4")
+    if "phase=" in spec or phase == "prefill"
+]
 
 
 @pytest.mark.parametrize("spec", MATRIX)
 def test_eviction_matches_masked_oracle(arch_model, spec):
     _, model = arch_model
     _check_against_oracle(model, spec)
+
+
+@pytest.mark.parametrize("spec", QUANT_MATRIX)
+def test_quantized_eviction_matches_oracle_over_the_stored_kv(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        f"full:{QUANT_OPTIONS['int2']}",
+        f"snapkv+kvcrush:budget=12,sink=2,recent=4,window=4,crush=4,{QUANT_OPTIONS['int2']}",
+        "h2o+adakv:budget=12,sink=2,recent=4,quant=int8,group=8,residual=0",
+        "tova:budget=10,recent=2,interval=3,quant=int4,group=4,residual=4",
+    ],
+)
+def test_other_bit_widths_and_residuals_match_oracle(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+def test_oracle_detects_quantization(arch_model):
+    """Not vacuous: the same quantized run against the oracle over the model's own (unquantized) K/V differs."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    with crushkv.compress(model, f"full:{QUANT_OPTIONS['int2']}") as cache:
+        out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS)
+    total = out.sequences.shape[1] - 1
+    full_mask = torch.cat([mask, torch.ones(2, total - 24, dtype=mask.dtype)], dim=1)
+    masks = oracle_masks(model, cache, recorder, mask, total)
+    reference = oracle_logits(model, out.sequences[:, :-1], generation_positions(full_mask), masks)
+    assert not torch.allclose(out.logits[-1], reference[:, -1], atol=1e-3)
 
 
 @pytest.mark.parametrize("spec", [s for s in all_specs(budget=BUDGET, phase="decode") if s != "full"])

@@ -154,3 +154,31 @@ def test_cache_outside_its_context_is_an_error(arch_model):
         pass
     with pytest.raises(RuntimeError, match="only valid inside"):
         model(torch.randint(1, 90, (1, 8)), **crushkv.cache_kwargs(model, cache))
+
+
+def test_quant_keys_on_every_policy_full_included():
+    """``full:quant=int4`` is plain KIVI-4; ``snapkv+kvcrush:...,quant=int4`` is eviction + KIVI; the defaults
+    (group 32, residual 128) stay out of canonical specs, as does ``quant=none``."""
+    kivi = parse_policy("full:quant=INT4")
+    assert (kivi.quant, kivi.group, kivi.residual) == ("int4", 32, 128) and kivi.spec == "full:quant=int4"
+    crush = parse_policy("snapkv+kvcrush:budget=0.5,quant=int2,group=16,residual=64")
+    assert (crush.quant, crush.group, crush.residual) == ("int2", 16, 64)
+    assert parse_policy(crush.spec) == crush and "quant=int2" in crush.spec
+    assert "quant" not in parse_policy("h2o:budget=64").spec
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("full:quant=int3", "quant must be one of none|int8|int4|int2"),
+        ("h2o:budget=64,quant=int4,store=paged", "quant=int4 has its own slot layout on store=dense"),
+        ("full:group=16", "add quant=int8|int4|int2"),
+        ("h2o:budget=64,quant=int4,group=0", "group must be an int >= 1"),
+        ("h2o:budget=64,quant=int4,residual=-1", "residual must be an int >= 0"),
+        ("snapkv+kvcrush:budget=64,quant=int4,residual=40000", "residual + group must be <= 32000"),
+        ("full:quant=int4,budget=5", "full keeps every token: it takes no 'budget'"),
+    ],
+)
+def test_bad_quant_specs_fail_clearly(spec, message):
+    with pytest.raises(ValueError, match=message.replace("|", r"\|").replace("+", r"\+")):
+        parse_policy(spec)

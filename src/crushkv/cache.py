@@ -19,7 +19,8 @@ from crushkv.layer import CompressedLayer
 from crushkv.layer_stack import DEFER_MAX_BYTES, DEFER_MAX_TOKENS, evict
 from crushkv.policies import Policy, parse_policy
 from crushkv.profiling import PROFILER
-from crushkv.stores import BlockPool, DenseStore, KVStore, PagedStore
+from crushkv.quant import BITS
+from crushkv.stores import BlockPool, DenseStore, KVStore, PagedStore, QuantScratch, QuantStore
 
 FULL_TYPES = ("full_attention",)
 SLIDING_TYPES = ("sliding_attention",)
@@ -73,11 +74,16 @@ class CrushCache(Cache):
         self.defer_bytes = defer_bytes
         #: one page pool per (key dim, value dim, dtype, device), shared by the layers of a ``store=paged`` cache
         self.pools: dict[tuple, BlockPool] = {}
+        #: one dequantization buffer for the layers of a ``quant=`` cache (they attend one after the other)
+        self.quant_scratch = QuantScratch()
         self.foreign_cache_warned = False
         #: the model's RoPE (``crushkv.rope.find_rope``), set by ``compress`` for query-statistics hosts
         self.rope = None
 
     def _new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
+        if self.policy.quant != "none":
+            policy = self.policy
+            return QuantStore(BITS[policy.quant], policy.group, policy.residual, self.quant_scratch)
         if self.policy.store == "paged":
             key = (keys.shape[-1], values.shape[-1], keys.dtype, keys.device)
             if key not in self.pools:
@@ -88,6 +94,7 @@ class CrushCache(Cache):
     def reset(self) -> None:
         self.pending = []
         self.pools = {}
+        self.quant_scratch = QuantScratch()
         super().reset()
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):

@@ -186,6 +186,7 @@ class CompressedLayer(DynamicLayer):
         """Free every slot outside ``mask`` (``[B, H, n]``), compact rows with many holes, release storage."""
         n = mask.shape[-1]
         self._valid[..., :n] &= mask
+        self.store.evicted(~mask)
         self.holes = True
         self.aligned = self.aligned and bool(self.policy.shared)
         reserve = self.reserve_after_cut(budgets)
@@ -240,6 +241,7 @@ class CompressedLayer(DynamicLayer):
         first = not self.prompt_done
         if first:
             self._valid[:, :, :q] = row_valid[:, None, :]
+            self.store.evicted(~row_valid[:, None, :].expand(b, h, q))
             lengths = row_valid.sum(-1)
             self.context_lengths = tuple(int(n) for n in lengths.tolist())
             self.start = row_valid.long().argmax(-1)
@@ -277,7 +279,9 @@ class CompressedLayer(DynamicLayer):
         self.prompt_done = True
         self.pass_key = self.pass_values = None
         if self.window is not None:
-            self._valid[..., : self.hw] &= self._positions[..., : self.hw] > self.seen - self.window
+            inside = self._positions[..., : self.hw] > self.seen - self.window
+            self._valid[..., : self.hw] &= inside
+            self.store.evicted(~inside)
             self.holes = True
             self.max_count, self.min_count = min(self.max_count, self.window), 0
         if not active:

@@ -8,7 +8,7 @@ import dataclasses
 from crushkv.policies import REGISTRY, WRAPPERS, Host
 
 #: keys every host shares: printed once, not per policy
-SHARED_KEYS = ("budget", "sink", "recent", "phase", "interval", "store", "page")
+SHARED_KEYS = ("budget", "sink", "recent", "phase", "interval", "store", "page", "quant", "group", "residual")
 
 WRAPPER_NOTES = {
     "kvcrush": (
@@ -66,5 +66,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"  +{name:9s} {WRAPPER_NOTES[name]}")
         print(f"  {'':10s} keys: {_fields(cls)}")
     print("\nstores (store= key): dense = one in-place buffer per layer (kept + interval slots); paged = pages of")
-    print("page tokens per (layer, batch row, KV head) from one pool, pages in use only. full takes store=/page= only.")
+    print("page tokens per (layer, batch row, KV head) from one pool, pages in use only.")
+    print("\nquantized slots (any policy, full included; store=dense): quant=none|int8|int4|int2, group=32,")
+    print("  residual=128. KIVI: keys per channel over group tokens, values per token over group channels,")
+    print("  asymmetric min/max; the newest residual..residual+group-1 tokens at full precision, the oldest group")
+    print("  quantized as the window fills (never the whole cache). full:quant=int4 is plain KIVI-4;")
+    print("  snapkv+kvcrush:budget=0.5,quant=int4 is eviction + KIVI: evicting a token inside a quantized group keeps")
+    print("  its neighbours' values exact (the group's range stays while any of its tokens is kept).")
+    print("  full takes store=, page=, quant=, group=, residual= only.")
     return 0

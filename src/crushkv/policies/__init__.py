@@ -32,7 +32,7 @@ from crushkv.policies.kvcrush import KVCrush
 #: wrappers in the order they nest (inner first): ``snapkv+adakv+kvcrush`` is KVCrush(AdaKV(SnapKV))
 WRAPPERS: dict[str, type[Wrapper]] = {"adakv": AdaKV, "kvcrush": KVCrush}
 #: keys ``full`` accepts (it keeps everything; only where it keeps it can be chosen)
-STORAGE_KEYS = ("store", "page")
+STORAGE_KEYS = ("store", "page", "quant", "group", "residual")
 
 __all__ = [
     "REGISTRY",
@@ -78,7 +78,7 @@ def _convert(raw: str, annotation: object, key: str, where: str) -> object:
         if "str" in names:  # a number or a keyword (``interval=auto``); the policy validates the keyword
             return text.lower()
         raise ValueError(f"{where}: {key} must be a number, got {raw!r}") from None
-    return text.lower() if key in ("store", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
+    return text.lower() if key in ("store", "quant", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
 
 
 def _annotations(cls: type) -> dict[str, object]:

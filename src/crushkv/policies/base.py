@@ -20,6 +20,7 @@ from typing import ClassVar
 
 import torch
 
+from crushkv.quant import QUANT_MODES
 from crushkv.selection import forced_mask, priority, top_mask
 from crushkv.stats import Stats, StatsRequest
 from crushkv.stores import STORES
@@ -47,7 +48,8 @@ class Policy:
     ``budget``: tokens kept per layer and KV head (int) or a fraction of each batch row's prompt (float in (0, 1]);
     it counts every kept token, sink and recent included. ``phase``: ``prefill`` cuts once after the prompt,
     ``decode`` after every forward (every ``interval`` tokens). ``store``: ``dense`` or ``paged`` (``page`` tokens per
-    page).
+    page). ``quant``: ``none`` or KIVI-style ``int8|int4|int2`` slots (keys per channel over ``group`` tokens, values
+    per token over ``group`` channels, the newest ``residual`` tokens at full precision; ``crushkv.stores.quant``).
     """
 
     name: ClassVar[str] = ""
@@ -68,6 +70,9 @@ class Policy:
     interval: int | str
     store: str
     page: int
+    quant: str
+    group: int
+    residual: int
 
     # ------------------------------------------------------------------ configuration
     def interval_for(self, budget: int) -> int:
@@ -161,6 +166,9 @@ class Host(Policy):
     interval: int | str = 1
     store: str = field(default="dense", metadata={"omit_default": True})
     page: int = field(default=16, metadata={"omit_default": True})
+    quant: str = field(default="none", metadata={"omit_default": True})
+    group: int = field(default=32, metadata={"omit_default": True})
+    residual: int = field(default=128, metadata={"omit_default": True})
 
     def __post_init__(self) -> None:
         # not fields: equality and specs see the resolved phase only
@@ -191,6 +199,7 @@ class Host(Policy):
             raise ValueError(f"{self.name}: store must be one of {', '.join(STORES)}, got {self.store!r}")
         if isinstance(self.page, bool) or not isinstance(self.page, int) or self.page < 1:
             raise ValueError(f"{self.name}: page must be an int >= 1 (tokens per page), got {self.page!r}")
+        self._validate_quant()
         if not self.compresses:
             if self.budget is not None:
                 raise ValueError(f"{self.name} keeps every token and takes no budget; remove budget={self.budget}")
@@ -208,6 +217,25 @@ class Host(Policy):
                 f"{self.name}: budget={self.budget} is smaller than sink+recent={self.min_budget()} "
                 f"(sink={self.sink}, recent={self.recent}); raise the budget or lower sink/recent"
             )
+
+    def _validate_quant(self) -> None:
+        if self.quant not in QUANT_MODES:
+            raise ValueError(f"{self.name}: quant must be one of {'|'.join(QUANT_MODES)}, got {self.quant!r}")
+        for key, low in (("group", 1), ("residual", 0)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"{self.name}: {key} must be an int >= {low}, got {value!r}")
+        if self.quant == "none":
+            if (self.group, self.residual) != (32, 128):
+                raise ValueError(f"{self.name}: group= and residual= set the quantizer; add quant=int8|int4|int2")
+            return
+        if self.store != "dense":
+            raise ValueError(
+                f"{self.name}: quant={self.quant} has its own slot layout on store=dense; store={self.store} holds "
+                "full-precision pages (drop store= or quant=)"
+            )
+        if self.residual + self.group > 32000:
+            raise ValueError(f"{self.name}: residual + group must be <= 32000, got {self.residual + self.group}")
 
     @property
     def spec(self) -> str:
@@ -263,6 +291,9 @@ class Wrapper(Policy):
     interval = property(lambda self: self.host.interval)
     store = property(lambda self: self.host.store)
     page = property(lambda self: self.host.page)
+    quant = property(lambda self: self.host.quant)
+    group = property(lambda self: self.host.group)
+    residual = property(lambda self: self.host.residual)
 
     @property
     def batchable(self) -> bool:  # type: ignore[override]

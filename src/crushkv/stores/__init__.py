@@ -5,7 +5,18 @@ from __future__ import annotations
 from crushkv.stores.base import KVStore, Pages, grown
 from crushkv.stores.dense import DenseStore
 from crushkv.stores.paged import BlockPool, PagedStore
+from crushkv.stores.quant import QuantScratch, QuantStore
 
 STORES = ("dense", "paged")
 
-__all__ = ["STORES", "BlockPool", "DenseStore", "KVStore", "PagedStore", "Pages", "grown"]
+__all__ = [
+    "STORES",
+    "BlockPool",
+    "DenseStore",
+    "KVStore",
+    "PagedStore",
+    "Pages",
+    "QuantScratch",
+    "QuantStore",
+    "grown",
+]

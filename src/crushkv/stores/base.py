@@ -43,6 +43,10 @@ class KVStore(Protocol):
     def move(self, rows: torch.Tensor, src: torch.Tensor, dst: torch.Tensor) -> None:
         """Copy slot ``src[i]`` to ``dst[i]`` within flat row ``rows[i]`` (1-D tensors of equal length)."""
 
+    def evicted(self, freed: torch.Tensor) -> None:
+        """The layer freed the slots where ``freed`` ``[B, H, n]`` is True (their bytes stay until overwritten or
+        cut by ``fit``); a store whose slots share storage (quantization groups) releases their share."""
+
     def fit(self, used: torch.Tensor, reserve: int) -> None:
         """Release storage above ``used`` ``[B, H]`` slots per row, keeping room for ``reserve`` more tokens."""
 

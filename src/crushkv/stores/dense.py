@@ -59,6 +59,9 @@ class DenseStore:
             flat = buffer.view(-1, buffer.shape[-1])
             flat.index_copy_(0, self._flat(rows, dst), flat.index_select(0, self._flat(rows, src)))
 
+    def evicted(self, freed: torch.Tensor) -> None:
+        """Nothing to do: a slot's bytes are its own."""
+
     def fit(self, used: torch.Tensor, reserve: int) -> None:
         keep = int(used.max()) if used.numel() else 0
         target = keep + reserve

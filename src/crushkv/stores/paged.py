@@ -128,6 +128,9 @@ class PagedStore:
             flat = pool.view(-1, pool.shape[-1])
             flat.index_copy_(0, target, flat.index_select(0, source))
 
+    def evicted(self, freed: torch.Tensor) -> None:
+        """Nothing to do: a slot's bytes are its own."""
+
     def fit(self, used: torch.Tensor, reserve: int) -> None:
         need = (used.reshape(-1, 1) + self.page - 1) // self.page  # pages each row still needs
         column = torch.arange(self.table.shape[1], device=self.table.device)
