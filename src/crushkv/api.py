@@ -47,7 +47,9 @@ def check_supported(model) -> None:
 
 
 @contextmanager
-def compress(model, policy: str | Policy = "full", defer_bytes: int | None = None) -> Iterator[CrushCache]:
+def compress(
+    model, policy: str | Policy = "full", defer_bytes: int | None = None, *, cache: CrushCache | None = None
+) -> Iterator[CrushCache]:
     """Yield a ``CrushCache`` to pass as the cache (``cache=``, ``past_key_values=`` before transformers 5.24; see
     ``cache_kwargs``) to ``model(...)`` / ``model.generate(...)``.
 
@@ -55,23 +57,41 @@ def compress(model, policy: str | Policy = "full", defer_bytes: int | None = Non
     leaving the block restores the model's attention implementation. One block per model at a time: nesting is an
     error (the inner cache would silently replace the outer one). ``defer_bytes``: uncompressed prompt K/V the
     cache may hold back to cut several layers in one selection (default ``layer_stack.DEFER_MAX_BYTES`` = 16 MiB;
-    0 cuts the prompt layer by layer, the lowest peak memory).
+    0 cuts the prompt layer by layer, the lowest peak memory). ``cache``: continue a cache made earlier (one of
+    ``crushkv.fork.prefill_forks``' caches) instead of starting an empty one; its policy is used.
 
     >>> with crushkv.compress(model, "h2o+kvcrush:budget=512,crush=384") as cache:
     ...     out = model.generate(**inputs, **crushkv.cache_kwargs(model, cache), max_new_tokens=64)
     """
-    policy = parse_policy(policy)
+    if cache is None:
+        policy = parse_policy(policy)
+        if defer_bytes is not None and defer_bytes < 0:
+            raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
+        cache = new_cache(model, policy, defer_bytes)
+    elif not isinstance(cache, CrushCache):
+        raise TypeError(f"cache must be a CrushCache, got {type(cache).__name__}")
+    with installed(model, cache):
+        yield cache
+
+
+def new_cache(model, policy: Policy, defer_bytes: int | None = None) -> CrushCache:
+    """An empty ``CrushCache`` for ``model`` (checked supported) with its RoPE attached."""
     check_supported(model)
-    if defer_bytes is not None and defer_bytes < 0:
-        raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
+    cache = CrushCache(model.config, policy, DEFER_MAX_BYTES if defer_bytes is None else int(defer_bytes))
+    cache.rope = find_rope(model)
+    return cache
+
+
+@contextmanager
+def installed(model, cache) -> Iterator[None]:
+    """crushkv's attention function on ``model``, routing its layers to ``cache`` (a ``CrushCache``, or
+    ``crushkv.fork.FanOut`` for a shared prompt), for the duration of the block."""
     modules = attention_modules(model)
     if any(hasattr(m, attention.CACHE_ATTR) for m in modules):
         raise RuntimeError(
             "crushkv.compress is already active on this model: leave the outer `with` block first "
             "(one compressed cache per model at a time)"
         )
-    cache = CrushCache(model.config, policy, DEFER_MAX_BYTES if defer_bytes is None else int(defer_bytes))
-    cache.rope = find_rope(model)
     attention.register()
     previous = model.config._attn_implementation
     model.set_attn_implementation(attention.NAME)
@@ -79,7 +99,7 @@ def compress(model, policy: str | Policy = "full", defer_bytes: int | None = Non
         setattr(module, attention.CACHE_ATTR, cache)
     cache.active = True
     try:
-        yield cache
+        yield
     finally:
         cache.active = False
         for module in modules:

@@ -75,6 +75,24 @@ class _Accumulator:
             self.count += (visible & row_valid[:, None, :, None]).sum(-2).float()
 
 
+#: how ``attend`` computes a pass's output (what a shared prompt forward must agree on, ``crushkv.fork``)
+EXACT, CHUNKED, FLASH = "exact", "chunked", "flash"
+
+
+def output_path(request: StatsRequest | None, plain: bool, q: int, length: int) -> str:
+    """Which computation gives ``attend``'s output for this pass: ``exact`` (the exact prompt pass, column sums over
+    every row of a plain causal prompt), ``chunked`` (full-row statistics otherwise, or any statistic of a single new
+    token) or ``flash`` (SDPA; also the sampled prompt pass, whose fused output is SDPA's bit for bit). Passes with
+    the same path produce the same output from the same inputs, whatever else their requests ask."""
+    request = request or StatsRequest()
+    causal = plain and q > 1
+    if request.rows == ALL_ROWS and causal and q == length:
+        return EXACT if request.stride == 1 else FLASH
+    if request.rows == ALL_ROWS or (q == 1 and not request.empty):
+        return CHUNKED
+    return FLASH
+
+
 def attend(
     query: torch.Tensor,
     keys: torch.Tensor,
@@ -86,7 +104,7 @@ def attend(
 ) -> tuple[torch.Tensor, Stats]:
     """Attention output ``[B, q, Hq, d]`` and the requested statistics.
 
-    ``row_valid``: ``[B, q]`` False for padding queries, which contribute no statistics. Paths, by what is asked:
+    ``row_valid``: ``[B, q]`` False for padding queries, which contribute no statistics. Paths (``output_path``):
     every row's column sums over a plain causal prompt: one exact (or row-sampled) blocked pass; every row's column
     sums otherwise, or any statistic of a single new token: the chunked pass; else SDPA for the output and the
     requested tail rows recomputed.
@@ -98,14 +116,14 @@ def attend(
     request = request or StatsRequest()
     visible = None if visibility.plain else visibility.rows(0, q)
     rows_of = visibility.rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
-    causal = visibility.plain and q > 1
-    stats = Stats()
+    path = output_path(request, visibility.plain, q, length)
 
-    if request.rows == ALL_ROWS and causal and q == length:
-        if request.stride == 1:
-            return _exact_prompt_pass(grouped, keys, values, scaling, request)
+    if path == EXACT:
+        return _exact_prompt_pass(grouped, keys, values, scaling, request)
+    if request.rows == ALL_ROWS and path == FLASH:
         return _sampled_prompt_pass(grouped, keys, values, scaling, request.stride, request)
-    if request.rows == ALL_ROWS or (q == 1 and not request.empty):
+    if path == CHUNKED:
+        stats = Stats()
         acc = _Accumulator((b, hk, g, length), query.device, count=request.count)
         out = torch.empty(b, hk, g, q, values.shape[-1], dtype=query.dtype, device=query.device)
         step = max(1, CHUNK_ELEMENTS // max(1, b * hq * length))
@@ -120,19 +138,51 @@ def attend(
         stats.colsum, stats.count = acc.colsum, acc.count
         return out.view(b, hq, q, -1).transpose(1, 2), stats
 
-    out = _sdpa(query, keys, values, visible, causal, scaling, b, hk, g, q, length)
+    out = _sdpa(query, keys, values, visible, visibility.plain and q > 1, scaling, b, hk, g, q, length)
+    return out, _tail_stats(grouped, keys, rows_of, row_valid, scaling, request)
+
+
+def attend_stats(
+    query: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    visibility: Visibility,
+    row_valid: torch.Tensor,
+    scaling: float,
+    request: StatsRequest | None,
+) -> Stats:
+    """The statistics ``attend`` returns for a ``flash``-path pass, without its output (a shared prompt forward
+    computes the output once and each policy's statistics here)."""
+    b, hq, q, d = query.shape
+    hk, length = keys.shape[1], keys.shape[2]
+    if output_path(request, visibility.plain, q, length) != FLASH:
+        raise ValueError("attend_stats covers passes whose output is SDPA's (output_path 'flash')")
+    request = request or StatsRequest()
+    grouped = query.view(b, hk, hq // hk, q, d)
+    if request.rows == ALL_ROWS:  # the sampled prompt pass: its statistics need the fused kernel's row sums
+        return _sampled_prompt_pass(grouped, keys, values, scaling, request.stride, request)[1]
+    visible = None if visibility.plain else visibility.rows(0, q)
+    rows_of = visibility.rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
+    return _tail_stats(grouped, keys, rows_of, row_valid, scaling, request)
+
+
+def _tail_stats(grouped, keys, rows_of, row_valid, scaling: float, request: StatsRequest) -> Stats:
+    """Column sums over the last ``request.rows`` query rows and/or the last row's probabilities."""
+    b, hk, g, q, _ = grouped.shape
+    length = keys.shape[2]
+    stats = Stats()
     if request.rows is not None or request.last:
         rows = q if request.rows in (None, ALL_ROWS) else min(request.rows, q)
         i0 = q - rows if request.rows is not None else q - 1
         vis = rows_of(i0, q).expand(b, hk, -1, -1)
         probs = _probabilities(grouped[:, :, :, i0:q], keys, vis, scaling)
         if request.rows is not None:
-            acc = _Accumulator((b, hk, g, length), query.device, count=request.count)
+            acc = _Accumulator((b, hk, g, length), grouped.device, count=request.count)
             acc.add(probs, vis, row_valid[:, i0:q])
             stats.colsum, stats.count = acc.colsum, acc.count
         if request.last:
             stats.last = probs[:, :, :, -1]
-    return out, stats
+    return stats
 
 
 def paged_attend(

@@ -11,15 +11,18 @@ the policy state and queue the layer's eviction, which runs in batches of same-s
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
-from crushkv.attention_math import attend, paged_attend
+from crushkv.attention_math import Visibility, attend, paged_attend
 from crushkv.layer import CompressedLayer
 from crushkv.layer_stack import DEFER_MAX_BYTES, DEFER_MAX_TOKENS, evict
 from crushkv.policies import Policy, parse_policy
 from crushkv.profiling import PROFILER
 from crushkv.quant import BITS
+from crushkv.stats import StatsRequest
 from crushkv.stores import BlockPool, DenseStore, KVStore, PagedStore, QuantScratch, QuantStore
 
 FULL_TYPES = ("full_attention",)
@@ -40,6 +43,17 @@ def _layer_types(config) -> tuple[list[str], list[int | None]]:
         uses_window = window is not None and getattr(config, "use_sliding_window", True)
         types = ["sliding_attention" if uses_window else "full_attention"] * n
     return list(types), [window if t in SLIDING_TYPES else None for t in types]
+
+
+class PassPlan(NamedTuple):
+    """What one pass of a compressed layer does (``CrushCache.begin_pass``)."""
+
+    q: int
+    first: bool  # the layer's first pass (the prompt)
+    active: bool  # the policy observes this pass
+    request: StatsRequest | None  # what it asks attention for
+    row_valid: torch.Tensor  # [B, q] False for padding queries
+    visibility: Visibility
 
 
 class CrushCache(Cache):
@@ -114,6 +128,14 @@ class CrushCache(Cache):
         Evictions are queued and run in batches of same-shape layers: a decode pass at its last compressed layer,
         a prompt whenever the queued uncompressed K/V would exceed ``defer_bytes``.
         """
+        plan = self.begin_pass(layer, query, attention_mask)
+        with PROFILER.section("attention"):
+            out, stats = self.attend(layer, plan, query, scaling)
+        self.end_pass(layer, plan, query, stats, position_ids)
+        return out
+
+    def begin_pass(self, layer: CompressedLayer, query: torch.Tensor, attention_mask) -> PassPlan:
+        """Padding flags, whether the policy acts on this pass, what it asks attention for, what queries see."""
         q = query.shape[2]
         if self.pending and layer.rank == 0:
             self.evict_pending()  # left over from an interrupted pass
@@ -121,25 +143,29 @@ class CrushCache(Cache):
         policy = self.policy
         active = policy.compresses and (policy.phase == "decode" or first)
         request = policy.request(first, q) if active else None
-        visibility = layer.visibility(q, first)
-        with PROFILER.section("attention"):
-            result = None
-            if not first and q <= DEFER_MAX_TOKENS:  # decode: the fused kernel reads the store's pages in place
-                pages = layer.store.page_view(layer.hw)
-                result = paged_attend(query, pages, layer.hw, visibility, row_valid, scaling, request)
-            if result is None:
-                keys, values = layer.attention_inputs(first)
-                result = attend(query, keys, values, visibility, row_valid, scaling, request)
-        out, stats = result
-        if request is not None and request.queries:
-            self._hand_over(stats, layer, query, row_valid, q, position_ids)
+        return PassPlan(q, first, active, request, row_valid, layer.visibility(q, first))
+
+    def attend(self, layer: CompressedLayer, plan: PassPlan, query: torch.Tensor, scaling: float):
+        """The pass's output and the statistics the plan requests."""
+        result = None
+        if not plan.first and plan.q <= DEFER_MAX_TOKENS:  # decode: the fused kernel reads the store's pages in place
+            pages = layer.store.page_view(layer.hw)
+            result = paged_attend(query, pages, layer.hw, plan.visibility, plan.row_valid, scaling, plan.request)
+        if result is None:
+            keys, values = layer.attention_inputs(plan.first)
+            result = attend(query, keys, values, plan.visibility, plan.row_valid, scaling, plan.request)
+        return result
+
+    def end_pass(self, layer: CompressedLayer, plan: PassPlan, query: torch.Tensor, stats, position_ids) -> None:
+        """Fold the statistics into the policy state and queue (or run) the layer's eviction."""
+        if plan.request is not None and plan.request.queries:
+            self._hand_over(stats, layer, query, plan.row_valid, plan.q, position_ids)
         with PROFILER.section("observe"):
-            budgets = layer.finish_pass(stats, first, active)
+            budgets = layer.finish_pass(stats, plan.first, plan.active)
         if budgets is not None:
-            self.queue_eviction(layer, budgets, short_pass=not first and q <= DEFER_MAX_TOKENS)
+            self.queue_eviction(layer, budgets, short_pass=not plan.first and plan.q <= DEFER_MAX_TOKENS)
         if self.pending and layer.rank == layer.num_compressed_layers - 1:
             self.evict_pending()
-        return out
 
     def _hand_over(self, stats, layer: CompressedLayer, query, row_valid, q: int, position_ids) -> None:
         """What query-statistics hosts read: this pass's queries, keys, values, RoPE positions and the RoPE."""
