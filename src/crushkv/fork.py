@@ -74,7 +74,7 @@ class FanOut(Cache):
         length = keys.shape[2]
         paths = {output_path(p.request if p.active else None, p.visibility.plain, p.q, length) for p in plans}
         if not all(p.first for p in plans) or len(paths) != 1:
-            raise ValueError(f"FanOut shares one prompt pass; got paths {sorted(paths)} (group policies by prompt_path)")
+            raise ValueError(f"FanOut shares one prompt pass; got paths {sorted(paths)} (group by prompt_path)")
         lead = plans[0]
         if paths == {FLASH}:
             out, _ = attend(query, keys, values, lead.visibility, lead.row_valid, scaling, None)
