@@ -127,6 +127,22 @@ class Task:
         return out
 
 
+def task_means(records: list[dict[str, Any]], subtasks: tuple[str, ...]) -> dict[str, float]:
+    """RULER's summary: the mean ``score`` per sub-task and per length (``L<n>``), and ``score`` = the average over
+    sub-tasks (each task weighs the same, however many examples it has)."""
+    out: dict[str, float] = {}
+    for group in ("subtask", "length"):
+        buckets: dict[Any, list[float]] = {}
+        for r in records:
+            buckets.setdefault(r[group], []).append(float(r["score"]))
+        for key, values in buckets.items():
+            out[f"L{key}" if group == "length" else str(key)] = sum(values) / len(values)
+    per_task = [out[t] for t in subtasks if t in out]
+    if per_task:
+        out["score"] = sum(per_task) / len(per_task)
+    return out
+
+
 def truncate_at(text: str, stops: Any) -> str:
     """Return ``text`` up to the earliest occurrence of any stop string."""
     cut = len(text)

@@ -18,7 +18,7 @@ import re
 from typing import Any
 
 from crushkv.eval import ruler_data
-from crushkv.eval.common import Example, Task, chat_prompt, split_at_last
+from crushkv.eval.common import Example, Task, chat_prompt, split_at_last, task_means
 
 TASKS = ruler_data.TASKS
 DEFAULT_LENGTHS = (4096,)
@@ -131,14 +131,4 @@ class RulerTask(Task):
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Per task and per length means, and ``score`` = the average over tasks (RULER's average)."""
-        out: dict[str, float] = {}
-        for group in ("subtask", "length"):
-            buckets: dict[Any, list[float]] = {}
-            for r in records:
-                buckets.setdefault(r[group], []).append(float(r["score"]))
-            for key, values in buckets.items():
-                out[f"L{key}" if group == "length" else str(key)] = sum(values) / len(values)
-        per_task = [out[t] for t in self.subtasks if t in out]
-        if per_task:
-            out["score"] = sum(per_task) / len(per_task)
-        return out
+        return task_means(records, self.subtasks)

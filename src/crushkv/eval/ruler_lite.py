@@ -28,6 +28,7 @@ from crushkv.eval.common import (
     seeded_rng,
     sentence_boundaries,
     split_at_last,
+    task_means,
     truncate_tokens,
 )
 
@@ -309,16 +310,7 @@ class RulerTask(Task):
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Per sub-task means, per length means, and ``score`` = the average over sub-tasks (like RULER)."""
-        out: dict[str, float] = {}
-        for group in ("subtask", "length"):
-            buckets: dict[Any, list[float]] = {}
-            for r in records:
-                buckets.setdefault(r[group], []).append(float(r["score"]))
-            for k, vals in buckets.items():
-                out[f"L{k}" if group == "length" else str(k)] = sum(vals) / len(vals)
-        subs = [out[s] for s in self.subtasks if s in out]
-        if subs:
-            out["score"] = sum(subs) / len(subs)
+        out = task_means(records, self.subtasks)
         for metric in ("string_match_all", "string_match_part"):
             vals = [float(r[metric]) for r in records if metric in r]
             if vals:
