@@ -114,8 +114,7 @@ def attend(
     g = hq // hk
     grouped = query.view(b, hk, g, q, d)
     request = request or StatsRequest()
-    visible = None if visibility.plain else visibility.rows(0, q)
-    rows_of = visibility.rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
+    visible, rows_of = _row_masks(visibility, q)
     path = output_path(request, visibility.plain, q, length)
 
     if path == EXACT:
@@ -161,9 +160,16 @@ def attend_stats(
     grouped = query.view(b, hk, hq // hk, q, d)
     if request.rows == ALL_ROWS:  # the sampled prompt pass: its statistics need the fused kernel's row sums
         return _sampled_prompt_pass(grouped, keys, values, scaling, request.stride, request)[1]
+    _, rows_of = _row_masks(visibility, q)
+    return _tail_stats(grouped, keys, rows_of, row_valid, scaling, request)
+
+
+def _row_masks(visibility: Visibility, q: int):
+    """The pass's whole mask (``None`` when plain: SDPA's causal flag covers it) and a function giving the mask of
+    query rows ``i0 .. i1 - 1`` (sliced from the whole one when it exists, built per block otherwise)."""
     visible = None if visibility.plain else visibility.rows(0, q)
     rows_of = visibility.rows if visible is None else (lambda i0, i1: visible[:, :, i0:i1])
-    return _tail_stats(grouped, keys, rows_of, row_valid, scaling, request)
+    return visible, rows_of
 
 
 def _tail_stats(grouped, keys, rows_of, row_valid, scaling: float, request: StatsRequest) -> Stats:

@@ -47,7 +47,6 @@ class FanOut(Cache):
         super().__init__(layers=self.caches[0].layers)
         self.active = False
         self.foreign_cache_warned = False
-        self.rope = self.caches[0].rope
 
     @property
     def active(self) -> bool:
@@ -97,8 +96,7 @@ class FanOut(Cache):
             last=any(r.last for r in requests),
             count=any(r.count for r in requests),
             stride=1 if paths == {EXACT} else requests[0].stride,
-            queries=any(r.queries for r in requests),
-        )
+        )  # ``queries`` is handed over per cache by ``end_pass``
         out, shared = attend(query, keys, values, lead.visibility, lead.row_valid, scaling, union)
         for cache, plan in zip(self.caches, plans):
             stats = _copy(shared)
