@@ -41,11 +41,11 @@ def _count_calls(monkeypatch: pytest.MonkeyPatch, fail_at: list[int] | None = No
     calls: list[str] = []
     original = NIAHTask.evaluate
 
-    def evaluate(self, model, tokenizer, example, policy, mode):  # type: ignore[no-untyped-def]
+    def evaluate(self, model, tokenizer, example, policy, mode, **kw):  # type: ignore[no-untyped-def]
         calls.append(example.id)
         if fail_at and len(calls) == fail_at[0]:
             raise KeyboardInterrupt
-        return original(self, model, tokenizer, example, policy, mode)
+        return original(self, model, tokenizer, example, policy, mode, **kw)
 
     monkeypatch.setattr(NIAHTask, "evaluate", evaluate)
     return calls

@@ -49,6 +49,12 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template (instruct models)")
     p.add_argument("--max-new-tokens", type=positive_int, default=None, help="override the task's generation length")
     p.add_argument("--overwrite", action="store_true", help="discard existing results of the same runs")
+    p.add_argument(
+        "--no-shared-prefill",
+        action="store_true",
+        help="run each policy's context forward separately (question-agnostic runs of several policies otherwise "
+        "share one forward per example; the results are the same)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("task options")
     g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="gsm8k shots (default 5)")
@@ -153,7 +159,7 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
     import torch
 
     from crushkv.data import ensure_data
-    from crushkv.eval.runner import RunOptions, modes_for, resolve_policy, run_task
+    from crushkv.eval.runner import RunOptions, can_share, modes_for, resolve_policy, run_shared, run_task
     from crushkv.models import check_context, check_reference
     from crushkv.paths import cleaned_up_on_failure
 
@@ -189,15 +195,29 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
     try:
         with cleaned_up_on_failure(args.out):
             for task in tasks:
-                for spec in specs:
-                    for mode in modes_for(task, modes):
-                        summary = run_task(model, tokenizer, task, spec, mode, opts)
-                        metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items())
-                        print(f"{task.name:6s} {mode:18s} {spec}: n={summary['n']} {metrics}", flush=True)
+                for mode in modes_for(task, modes):
+                    if not args.no_shared_prefill and can_share(task, mode, len(specs), args.batch_size):
+                        summaries, cost = run_shared(model, tokenizer, task, specs, mode, opts)
+                        for spec, summary in zip(specs, summaries):
+                            _print_run(task, mode, spec, summary)
+                        if cost["forks"]:
+                            print(
+                                f"{task.name:6s} {mode:18s} shared context forwards: {cost['forwards']} for "
+                                f"{cost['forks']} policy-examples ({cost['prefill_s']:.1f} s)",
+                                flush=True,
+                            )
+                    else:
+                        for spec in specs:
+                            _print_run(task, mode, spec, run_task(model, tokenizer, task, spec, mode, opts))
     except KeyboardInterrupt:
         print("\ninterrupted: finished examples are saved; rerun the same command to resume", file=sys.stderr)
         return 130
     return 0
+
+
+def _print_run(task: Any, mode: str, spec: str, summary: dict[str, Any]) -> None:
+    metrics = ", ".join(f"{k}={v:.4g}" for k, v in summary["metrics"].items())
+    print(f"{task.name:6s} {mode:18s} {spec}: n={summary['n']} {metrics}", flush=True)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:

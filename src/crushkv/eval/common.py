@@ -45,6 +45,8 @@ class Task:
     max_new_tokens: int = 32
     stop_strings: tuple[str, ...] = ()
     modes: tuple[str, ...] = COMPRESSION_MODES
+    #: ``evaluate`` can continue a cache forked from a shared context forward (``runner.run_shared``)
+    shares_prefill: bool = True
 
     def settings(self) -> dict[str, Any]:
         """Everything that changes the examples or the scores (recorded, and checked on resume)."""
@@ -69,8 +71,11 @@ class Task:
         """Cut the decoded continuation at the first stop string."""
         return truncate_at(text, self.stop_strings)
 
-    def evaluate(self, model: Any, tokenizer: Any, example: Example, policy: Any, mode: str) -> dict[str, Any]:
-        """Run one example; returns the JSONL record (without run-level fields)."""
+    def evaluate(
+        self, model: Any, tokenizer: Any, example: Example, policy: Any, mode: str, prefilled: Any = None
+    ) -> dict[str, Any]:
+        """Run one example; returns the JSONL record (without run-level fields). ``prefilled``: see
+        ``generate_compressed``."""
         gen = generate_compressed(
             model,
             tokenizer,
@@ -80,6 +85,7 @@ class Task:
             mode,
             max_new_tokens=int(example.meta.get("max_new_tokens", self.max_new_tokens)),
             stop_strings=list(self.stop_strings),
+            prefilled=prefilled,
         )
         prediction = self.postprocess(gen.pop("text"))
         record = {"id": example.id, "prediction": prediction, "refs": example.refs, **example.meta}
@@ -225,11 +231,11 @@ def greedy_kwargs(tokenizer: Any) -> dict[str, Any]:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "pad_token_id": pad}
 
 
-def compress_ctx(model: Any, policy: Any) -> Any:
-    """`crushkv.compress(model, policy)` (imported lazily so scoring code works without the core)."""
+def compress_ctx(model: Any, policy: Any, cache: Any = None) -> Any:
+    """`crushkv.compress(model, policy, cache=cache)` (imported lazily so scoring code works without the core)."""
     from crushkv.api import compress
 
-    return compress(model, policy)
+    return compress(model, policy, cache=cache)
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -249,15 +255,23 @@ def generate_compressed(
     mode: str,
     max_new_tokens: int,
     stop_strings: list[str] | None = None,
+    prefilled: tuple[Any, dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Greedy generation with a compressed cache.
 
     ``question-agnostic``: the context is prefilled (and compressed) first, then the question is fed;
     ``query-aware``: one generate call over context + question.
-    Returns ``text`` (raw continuation), token counts, cache statistics and timings.
+    ``prefilled``: ``(cache, shared)``, a cache that already holds the compressed context (question-agnostic; one of
+    ``crushkv.fork.prefill_forks``' caches, made with this ``policy``) and the cost of the forward it came from
+    (``prefill_s``, ``prefill_forwards``, ``forks``): generation continues from it instead of running the context.
+    Returns ``text`` (raw continuation), token counts, cache statistics and timings. Latencies count the context
+    forward in full even when it was shared (what one user running this policy alone waits); ``forks`` says by how
+    many caches its cost was shared.
     """
     if mode not in COMPRESSION_MODES:
         raise ValueError(f"unknown compression mode {mode!r}; expected one of {COMPRESSION_MODES}")
+    if prefilled is not None and mode != QUESTION_AGNOSTIC:
+        raise ValueError("a prefilled cache holds the compressed context: question-agnostic generation only")
     ctx_ids, q_ids = encode_parts(tokenizer, context, query)
     full = torch.cat([ctx_ids, q_ids], dim=1).to(model.device)
     mask = torch.ones_like(full)
@@ -266,14 +280,25 @@ def generate_compressed(
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     clock = _TokenClock()
     out: dict[str, Any] = {"context_tokens": ctx_ids.shape[1], "prompt_tokens": full.shape[1]}
-    t0 = time.perf_counter()
-    with compress_ctx(model, policy) as cache:
+    n_layers = num_layers(model)
+    if prefilled is not None:
+        cache, shared = prefilled
+        if getattr(cache.policy, "spec", None) != getattr(policy, "spec", policy):
+            raise ValueError(f"the prefilled cache was made for {cache.policy.spec!r}, not {policy!r}")
+        out.update(shared)
+        out.update({f"{k}_after_context": v for k, v in cache_stats(cache, n_layers).items()})
+        context = compress_ctx(model, policy, cache=cache)
+        t0 = time.perf_counter() - shared["prefill_s"]
+    else:
+        context = compress_ctx(model, policy)
+        t0 = time.perf_counter()
+    with context as cache:
         cached = cache_kwargs(model, cache)
-        if mode == QUESTION_AGNOSTIC:
+        if mode == QUESTION_AGNOSTIC and prefilled is None:
             n = ctx_ids.shape[1]
             model(full[:, :n], attention_mask=mask[:, :n], **cached, use_cache=True, logits_to_keep=1)
             out["prefill_s"] = time.perf_counter() - t0
-            out.update({f"{k}_after_context": v for k, v in cache_stats(cache, num_layers(model)).items()})
+            out.update({f"{k}_after_context": v for k, v in cache_stats(cache, n_layers).items()})
         seq = model.generate(
             full,
             attention_mask=mask,
@@ -283,7 +308,7 @@ def generate_compressed(
             **kwargs,
         )
         t1 = time.perf_counter()
-        out.update(cache_stats(cache, num_layers(model)))
+        out.update(cache_stats(cache, n_layers))
     new = seq[0, full.shape[1] :]
     out["new_tokens"] = int(new.shape[0])
     out["time_s"] = t1 - t0

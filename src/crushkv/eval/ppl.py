@@ -38,6 +38,7 @@ class PPLTask(Task):
     metrics = ("nll", "ppl")
     primary = "ppl"
     modes = (STREAMING,)
+    shares_prefill = False  # scores every position of a stream: no context to fork
 
     def __init__(
         self, length: int = 1024, docs: int = 2, chunk: int = 1, prefill: int = 0, text: str | None = None
