@@ -58,7 +58,8 @@ def record_store_kv():
     original = CrushCache.run_attention
 
     def run_attention(self, layer, query, *args, **kwargs):
-        if layer.prompt_done and isinstance(layer.store, QuantStore):
+        # a reconstruction pass (KVzip) is not a decode step: its tokens never reach the sequence
+        if layer.prompt_done and not layer.transient and isinstance(layer.store, QuantStore):
             keys, values = layer.store.dense(layer.hw)
             records[layer.layer_idx].append((layer.positions.clone(), layer.valid.clone(), keys, values))
         return original(self, layer, query, *args, **kwargs)

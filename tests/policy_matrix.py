@@ -36,7 +36,9 @@ def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: s
         parts.append("window=4")
     if "lag" in fields:  # partitions of 4 tokens, so a 24-token prompt has several
         parts.append("lag=4")
-    if phase:
+    if "chunk" in fields:  # KVzip: several reconstruction passes over a 24-token prompt, no tokenizer
+        parts += ["chunk=8", "prompt=none"]
+    if phase and phase in cls.phases:
         parts.append(f"phase={phase}")
     head = name
     if wrap == "kvcrush":
@@ -60,7 +62,9 @@ def all_specs(
         cls = REGISTRY[name]
         if not cls.compresses:
             continue
-        specs += [f"{small_spec(name, budget, phase, 'kvcrush', extra)},{crush}" for crush in CRUSH_VARIANTS]
+        # whole blocks for all heads cannot sit on a host whose heads keep different counts (KVzip)
+        variants = [c for c in CRUSH_VARIANTS if not (cls.ragged and "granularity=block" in c)]
+        specs += [f"{small_spec(name, budget, phase, 'kvcrush', extra)},{crush}" for crush in variants]
         if not cls.shared:
             specs += [small_spec(name, budget, phase, variant, extra) for variant in ADAKV_VARIANTS]
     return specs

@@ -11,6 +11,7 @@ from crushkv import attention
 from crushkv.cache import CrushCache, text_config
 from crushkv.layer_stack import DEFER_MAX_BYTES
 from crushkv.policies import Policy, parse_policy
+from crushkv.reconstruct import instruction_ids, reconstruct
 from crushkv.rope import find_rope
 
 #: ``config.model_type`` values whose attention modules crushkv has been checked against
@@ -48,7 +49,12 @@ def check_supported(model) -> None:
 
 @contextmanager
 def compress(
-    model, policy: str | Policy = "full", defer_bytes: int | None = None, *, cache: CrushCache | None = None
+    model,
+    policy: str | Policy = "full",
+    defer_bytes: int | None = None,
+    *,
+    cache: CrushCache | None = None,
+    tokenizer=None,
 ) -> Iterator[CrushCache]:
     """Yield a ``CrushCache`` to pass as the cache (``cache=``, ``past_key_values=`` before transformers 5.24; see
     ``cache_kwargs``) to ``model(...)`` / ``model.generate(...)``.
@@ -58,7 +64,8 @@ def compress(
     error (the inner cache would silently replace the outer one). ``defer_bytes``: uncompressed prompt K/V the
     cache may hold back to cut several layers in one selection (default ``layer_stack.DEFER_MAX_BYTES`` = 16 MiB;
     0 cuts the prompt layer by layer, the lowest peak memory). ``cache``: continue a cache made earlier (one of
-    ``crushkv.fork.prefill_forks``' caches) instead of starting an empty one; its policy is used.
+    ``crushkv.fork.prefill_forks``' caches) instead of starting an empty one; its policy is used. ``tokenizer``:
+    needed by policies whose scoring feeds the model text (``kvzip``'s reconstruction instruction).
 
     >>> with crushkv.compress(model, "h2o+kvcrush:budget=512,crush=384") as cache:
     ...     out = model.generate(**inputs, **crushkv.cache_kwargs(model, cache), max_new_tokens=64)
@@ -67,18 +74,21 @@ def compress(
         policy = parse_policy(policy)
         if defer_bytes is not None and defer_bytes < 0:
             raise ValueError(f"defer_bytes must be >= 0, got {defer_bytes}")
-        cache = new_cache(model, policy, defer_bytes)
+        cache = new_cache(model, policy, defer_bytes, tokenizer)
     elif not isinstance(cache, CrushCache):
         raise TypeError(f"cache must be a CrushCache, got {type(cache).__name__}")
     with installed(model, cache):
         yield cache
 
 
-def new_cache(model, policy: Policy, defer_bytes: int | None = None) -> CrushCache:
-    """An empty ``CrushCache`` for ``model`` (checked supported) with its RoPE attached."""
+def new_cache(model, policy: Policy, defer_bytes: int | None = None, tokenizer=None) -> CrushCache:
+    """An empty ``CrushCache`` for ``model`` (checked supported) with its RoPE (and tokenizer) attached."""
     check_supported(model)
     cache = CrushCache(model.config, policy, DEFER_MAX_BYTES if defer_bytes is None else int(defer_bytes))
     cache.rope = find_rope(model)
+    cache.tokenizer = tokenizer
+    if policy.reconstructs:
+        instruction_ids(tokenizer, policy.scorer().prompt)  # a missing tokenizer fails here, before any forward
     return cache
 
 
@@ -97,12 +107,30 @@ def installed(model, cache) -> Iterator[None]:
     model.set_attn_implementation(attention.NAME)
     for module in modules:
         setattr(module, attention.CACHE_ATTR, cache)
+    hook = None
+    if isinstance(cache, CrushCache) and cache.policy.reconstructs:
+        hook = model.register_forward_hook(_reconstruct_after_prompt, with_kwargs=True)
     cache.active = True
     try:
         yield
     finally:
+        if hook is not None:
+            hook.remove()
         cache.active = False
         for module in modules:
             if hasattr(module, attention.CACHE_ATTR):
                 delattr(module, attention.CACHE_ATTR)
         model.set_attn_implementation(previous)
+
+
+def _reconstruct_after_prompt(model, args, kwargs, output) -> None:
+    """Forward hook of a ``reconstructs`` policy: once the prompt's forward returns, score it by reconstruction
+    and cut (``crushkv.reconstruct``), before generation reads the cache again."""
+    cache = next(getattr(m, attention.CACHE_ATTR) for m in attention_modules(model))
+    if not cache.reconstruct_due:
+        return
+    cache.reconstruct_due = False
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    if input_ids is None:
+        raise ValueError(f"{cache.policy.name} reconstructs the prompt from its token ids: pass input_ids")
+    reconstruct(model, cache, input_ids, kwargs.get("attention_mask"))

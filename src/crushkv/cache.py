@@ -17,9 +17,11 @@ import torch
 from transformers.cache_utils import Cache, DynamicSlidingWindowLayer
 
 from crushkv.attention_math import Visibility, attend, paged_attend
-from crushkv.layer import CompressedLayer
+from crushkv.layer import CompressedLayer, new_token_validity
 from crushkv.layer_stack import DEFER_MAX_BYTES, DEFER_MAX_TOKENS, evict
 from crushkv.policies import Policy, parse_policy
+from crushkv.policies.kvzip import SCORE as KVZIP_SCORE
+from crushkv.policies.kvzip import chunk_scores
 from crushkv.profiling import PROFILER
 from crushkv.quant import BITS
 from crushkv.stats import StatsRequest
@@ -93,6 +95,12 @@ class CrushCache(Cache):
         self.foreign_cache_warned = False
         #: the model's RoPE (``crushkv.rope.find_rope``), set by ``compress`` for query-statistics hosts
         self.rope = None
+        #: the tokenizer (``compress(..., tokenizer=)``): KVzip's reconstruction instruction is text
+        self.tokenizer = None
+        #: the prompt pass ended uncut and waits for its reconstruction passes (``crushkv.reconstruct``)
+        self.reconstruct_due = False
+        #: the chunk a reconstruction pass scores, while one runs
+        self.reconstructing = None
 
     def _new_store(self, keys: torch.Tensor, values: torch.Tensor) -> KVStore:
         if self.policy.quant != "none":
@@ -107,6 +115,7 @@ class CrushCache(Cache):
 
     def reset(self) -> None:
         self.pending = []
+        self.reconstruct_due, self.reconstructing = False, None
         self.pools = {}
         self.quant_scratch = QuantScratch()
         super().reset()
@@ -128,10 +137,35 @@ class CrushCache(Cache):
         Evictions are queued and run in batches of same-shape layers: a decode pass at its last compressed layer,
         a prompt whenever the queued uncompressed K/V would exceed ``defer_bytes``.
         """
+        if self.reconstructing is not None:
+            return self.reconstruction_pass(layer, query, attention_mask, scaling)
         plan = self.begin_pass(layer, query, attention_mask)
         with PROFILER.section("attention"):
             out, stats = self.attend(layer, plan, query, scaling)
         self.end_pass(layer, plan, query, stats, position_ids)
+        return out
+
+    def reconstruction_pass(self, layer: CompressedLayer, query: torch.Tensor, attention_mask, scaling: float):
+        """A pass of ``crushkv.reconstruct``: its tokens (not stored: ``layer.transient``) attend over the layer's
+        slots and each other as usual, and the same queries give the chunk's KVzip scores (added to the layer's
+        state). Nothing is observed or cut."""
+        b, q = query.shape[0], query.shape[2]
+        row_valid = new_token_validity(attention_mask, b, q).to(query.device)
+        keys, values = layer.attention_inputs(False)
+        h = keys.shape[1]
+        new = torch.arange(layer.seen, layer.seen + q, device=query.device)
+        positions = torch.cat([layer.positions, new.expand(b, h, q)], -1)
+        valid = torch.cat([layer.valid, row_valid[:, None].expand(b, h, q)], -1)
+        keys = torch.cat([keys, layer.pass_key], 2)
+        values = torch.cat([values, layer.pass_values], 2)
+        layer.pass_key = layer.pass_values = None
+        visibility = Visibility(positions, valid, new, layer.window)
+        out, _ = attend(query, keys, values, visibility, row_valid, scaling, None)
+        chunk = self.reconstructing
+        scores = chunk_scores(
+            query, keys, positions, valid, row_valid, chunk.bounds, chunk.sink_end, layer.seen, scaling
+        )
+        layer.accumulate(KVZIP_SCORE, scores[..., : layer.hw])
         return out
 
     def begin_pass(self, layer: CompressedLayer, query: torch.Tensor, attention_mask) -> PassPlan:
@@ -160,8 +194,11 @@ class CrushCache(Cache):
         """Fold the statistics into the policy state and queue (or run) the layer's eviction."""
         if plan.request is not None and plan.request.queries:
             self._hand_over(stats, layer, query, plan.row_valid, plan.q, position_ids)
+        active = plan.active
+        if plan.first and self.policy.reconstructs:  # scored and cut after the reconstruction passes
+            self.reconstruct_due, active = True, False
         with PROFILER.section("observe"):
-            budgets = layer.finish_pass(stats, plan.first, plan.active)
+            budgets = layer.finish_pass(stats, plan.first, active)
         if budgets is not None:
             self.queue_eviction(layer, budgets, short_pass=not plan.first and plan.q <= DEFER_MAX_TOKENS)
         if self.pending and layer.rank == layer.num_compressed_layers - 1:

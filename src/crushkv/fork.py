@@ -22,6 +22,7 @@ from collections.abc import Sequence
 import torch
 from transformers.cache_utils import Cache
 
+from crushkv import reconstruct
 from crushkv.api import cache_kwargs, installed, new_cache
 from crushkv.attention_math import EXACT, FLASH, attend, attend_stats, output_path
 from crushkv.cache import CrushCache
@@ -116,14 +117,27 @@ def _copy(stats: Stats) -> Stats:
     return Stats(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in fields.items()})
 
 
+def scoring_key(policy: Policy) -> tuple:
+    """What a reconstruction's scores depend on (not the budget): caches with equal keys share one reconstruction."""
+    host = policy.scorer()
+    return (host.name, host.sink, host.chunk, host.prompt)
+
+
 @torch.no_grad()  # not inference_mode: the caches are written to later, outside it
 def prefill_forks(
-    model, policies: Sequence[str | Policy], input_ids: torch.Tensor, defer_bytes: int | None = None
+    model,
+    policies: Sequence[str | Policy],
+    input_ids: torch.Tensor,
+    defer_bytes: int | None = None,
+    tokenizer=None,
 ) -> tuple[list[CrushCache], dict[str, float]]:
     """One ``CrushCache`` per policy holding the compressed prompt ``input_ids`` (``[1, L]``, no padding), from one
     model forward per output path (``prompt_path``). Continue each with ``crushkv.compress(model, cache=cache)``.
+    Policies scored by reconstruction (``kvzip``) share the prompt forward too, and one reconstruction per
+    ``scoring_key`` (several budgets of one method cost one); ``tokenizer`` as for ``crushkv.compress``.
 
-    Returns the caches (in the order of ``policies``) and timings: ``prefill_s`` (all forwards), ``forwards``.
+    Returns the caches (in the order of ``policies``) and timings: ``prefill_s`` (all forwards), ``forwards``
+    (prompt forwards), ``reconstructions``.
     """
     if input_ids.dim() != 2 or input_ids.shape[0] != 1:
         raise ValueError(f"prefill_forks takes one unpadded prompt [1, L], got shape {tuple(input_ids.shape)}")
@@ -131,7 +145,7 @@ def prefill_forks(
     if length < 2:
         raise ValueError("prefill_forks needs a prompt of at least 2 tokens")
     parsed = [parse_policy(p) for p in policies]
-    caches = [new_cache(model, p, defer_bytes) for p in parsed]
+    caches = [new_cache(model, p, defer_bytes, tokenizer) for p in parsed]
     groups: dict[str, list[CrushCache]] = {}
     for policy, cache in zip(parsed, caches):
         groups.setdefault(prompt_path(policy, length), []).append(cache)
@@ -142,4 +156,16 @@ def prefill_forks(
         fan = FanOut(members)
         with installed(model, fan):
             model(ids, attention_mask=mask, **cache_kwargs(model, fan), use_cache=True, logits_to_keep=1)
-    return caches, {"prefill_s": time.perf_counter() - t0, "forwards": len(groups)}
+    scored: dict[tuple, list[CrushCache]] = {}
+    for cache in caches:
+        if cache.reconstruct_due:
+            cache.reconstruct_due = False
+            scored.setdefault(scoring_key(cache.policy), []).append(cache)
+    for lead, *others in scored.values():
+        with installed(model, lead):
+            reconstruct.score(model, lead, ids, mask)
+        reconstruct.share_scores(lead, others)
+        for cache in (lead, *others):
+            reconstruct.cut(cache)
+    timing = {"prefill_s": time.perf_counter() - t0, "forwards": len(groups), "reconstructions": len(scored)}
+    return caches, timing

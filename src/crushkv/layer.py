@@ -74,6 +74,7 @@ class CompressedLayer(DynamicLayer):
         self.pass_values: torch.Tensor | None = None
         self.key_dim = self.value_dim = 0
         self.notes: list[str] = []
+        self.transient = False  # set while ``crushkv.reconstruct`` runs its passes
 
     # ------------------------------------------------------------------ transformers' layer API
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
@@ -82,6 +83,9 @@ class CompressedLayer(DynamicLayer):
         self.is_initialized = True
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        if self.transient:  # a reconstruction pass: its tokens are attended over, never stored
+            self.pass_key, self.pass_values = key_states, value_states
+            return key_states, value_states
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         b, h, q = key_states.shape[:3]

@@ -54,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
     inputs = tokenizer(text, return_tensors="pt", add_special_tokens=not args.chat)
     torch.manual_seed(args.seed)
     sampling = {"do_sample": True, "temperature": 0.7, "top_p": 0.9} if args.sample else {"do_sample": False}
-    with torch.no_grad(), crushkv.compress(model, policy) as cache:
+    with torch.no_grad(), crushkv.compress(model, policy, tokenizer=tokenizer) as cache:
         out = model.generate(
             **inputs, **crushkv.cache_kwargs(model, cache), max_new_tokens=args.max_new_tokens, **sampling
         )

@@ -231,11 +231,12 @@ def greedy_kwargs(tokenizer: Any) -> dict[str, Any]:
     return {"do_sample": False, "temperature": None, "top_p": None, "top_k": None, "pad_token_id": pad}
 
 
-def compress_ctx(model: Any, policy: Any, cache: Any = None) -> Any:
-    """`crushkv.compress(model, policy, cache=cache)` (imported lazily so scoring code works without the core)."""
+def compress_ctx(model: Any, policy: Any, cache: Any = None, tokenizer: Any = None) -> Any:
+    """`crushkv.compress(model, policy, cache=, tokenizer=)` (imported lazily so scoring code works without the
+    core)."""
     from crushkv.api import compress
 
-    return compress(model, policy, cache=cache)
+    return compress(model, policy, cache=cache, tokenizer=tokenizer)
 
 
 def cache_kwargs(model: Any, cache: Any) -> dict[str, Any]:
@@ -290,7 +291,7 @@ def generate_compressed(
         context = compress_ctx(model, policy, cache=cache)
         t0 = time.perf_counter() - shared["prefill_s"]
     else:
-        context = compress_ctx(model, policy)
+        context = compress_ctx(model, policy, tokenizer=tokenizer)
         t0 = time.perf_counter()
     with context as cache:
         cached = cache_kwargs(model, cache)
@@ -366,7 +367,7 @@ def generate_compressed_batch(
         kwargs.update(stop_strings=stop_strings, tokenizer=tokenizer)
     clock = _TokenClock()
     t0 = time.perf_counter()
-    with compress_ctx(model, policy) as cache:
+    with compress_ctx(model, policy, tokenizer=tokenizer) as cache:
         seq = model.generate(
             ids,
             attention_mask=mask,

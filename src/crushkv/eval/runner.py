@@ -222,11 +222,16 @@ def run_shared(
         for ex in pending:
             members = [run for run in runs if ex.id in todo[id(run)]]
             ctx_ids, _ = encode_parts(tokenizer, ex.context, ex.query)
-            caches, timing = prefill_forks(model, [run.policy for run in members], ctx_ids)
+            caches, timing = prefill_forks(model, [run.policy for run in members], ctx_ids, tokenizer=tokenizer)
             cost["prefill_s"] += timing["prefill_s"]
             cost["forwards"] += timing["forwards"]
             cost["forks"] += len(caches)
-            shared = {"prefill_s": timing["prefill_s"], "prefill_forwards": timing["forwards"], "forks": len(caches)}
+            shared = {
+                "prefill_s": timing["prefill_s"],
+                "prefill_forwards": timing["forwards"],
+                "reconstructions": timing["reconstructions"],
+                "forks": len(caches),
+            }
             for run, cache in zip(members, caches):
                 run.add(task.evaluate(model, tokenizer, ex, run.policy, mode, prefilled=(cache, shared)))
             del caches

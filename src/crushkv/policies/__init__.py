@@ -18,6 +18,7 @@ from crushkv.policies import (  # noqa: F401  (registration)
     h2o,
     keydiff,
     knorm,
+    kvzip,
     lagkv,
     pyramidkv,
     random,

@@ -46,14 +46,19 @@ class AdaKV(Wrapper):
 
     def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
         prio = self.host.priorities(view)  # type: ignore[attr-defined]
-        b, h, n = prio.shape
-        valid, order = view.valid, view.order
-        floor = self.head_floor(budget)
-        own = top_mask(prio, floor, order) & valid
-        flat = torch.where(own, NEG, prio).reshape(b, h * n)
-        # ties across heads: the earlier token first, then the lower head (unique keys, whatever the slot layout)
-        head = torch.arange(h, device=prio.device)[:, None]
-        slot = torch.arange(n, device=prio.device)
-        flat_order = ((view.positions * h + head) * n + slot).reshape(b, h * n)
-        shared = top_mask(flat, h * (budget - floor), flat_order).view(b, h, n)
-        return own | (shared & valid & ~own)
+        return headwise_mask(prio, view, budget, self.head_floor(budget))
+
+
+def headwise_mask(prio: torch.Tensor, view: LayerView, budget: int, floor: int) -> torch.Tensor:
+    """``[B, H, n]`` keep mask of ``H * budget`` slots per row: each head's ``floor`` best, then one top-k over the
+    rest of all heads together (ties: the earlier token, then the lower head)."""
+    b, h, n = prio.shape
+    valid, order = view.valid, view.order
+    own = top_mask(prio, floor, order) & valid
+    flat = torch.where(own, NEG, prio).reshape(b, h * n)
+    # unique tie-break keys whatever the slot layout
+    head = torch.arange(h, device=prio.device)[:, None]
+    slot = torch.arange(n, device=prio.device)
+    flat_order = ((view.positions * h + head) * n + slot).reshape(b, h * n)
+    shared = top_mask(flat, h * (budget - floor), flat_order).view(b, h, n)
+    return own | (shared & valid & ~own)

@@ -62,6 +62,10 @@ class Policy:
     batchable: ClassVar[bool] = True
     #: True when per-head kept counts may differ (Ada-KV): a dense store pads to the largest head
     ragged: ClassVar[bool] = False
+    #: the phases the policy can run in (one when its scores exist only once, e.g. KVzip's after the prompt)
+    phases: ClassVar[tuple[str, ...]] = PHASES
+    #: True when the prompt is scored by extra forward passes after it (KVzip's reconstruction, ``crushkv.reconstruct``)
+    reconstructs: ClassVar[bool] = False
 
     budget: int | float | None
     sink: int
@@ -75,6 +79,10 @@ class Policy:
     residual: int
 
     # ------------------------------------------------------------------ configuration
+    def scorer(self) -> Policy:
+        """The host under any wrappers: its settings drive passes beyond attention (KVzip's reconstruction)."""
+        return self
+
     def interval_for(self, budget: int) -> int:
         """Decode tokens added between two cuts of a layer whose budget is ``budget`` (resolves ``auto``)."""
         return 1 + budget // AUTO_INTERVAL_DIVISOR if self.interval == AUTO else int(self.interval)
@@ -187,8 +195,8 @@ class Host(Policy):
 
     def validate(self) -> None:
         """Raise ``ValueError`` for inconsistent settings (checked at construction)."""
-        if self.phase not in PHASES:
-            raise ValueError(f"{self.name}: phase must be one of {PHASES}, got {self.phase!r}")
+        if self.phase not in self.phases:
+            raise ValueError(f"{self.name}: phase must be one of {self.phases}, got {self.phase!r}")
         if self.sink < 0 or self.recent < 0:
             raise ValueError(f"{self.name}: sink and recent must be >= 0")
         if self.interval != AUTO and (
@@ -306,6 +314,13 @@ class Wrapper(Policy):
     @property
     def ragged(self) -> bool:  # type: ignore[override]
         return self.host.ragged
+
+    @property
+    def reconstructs(self) -> bool:  # type: ignore[override]
+        return self.host.reconstructs
+
+    def scorer(self) -> Policy:
+        return self.host.scorer()
 
     def interval_for(self, budget: int) -> int:
         return self.host.interval_for(budget)
