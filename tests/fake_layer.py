@@ -38,6 +38,7 @@ class FakeLayer:
             "count": torch.ones(b, h, length),
             "ea_logits": scores,
             "ea_vnorm": vnorm,
+            "kvzip": scores.mean(2),
         }
         self._keys = keys.contiguous()
         self.seen = length

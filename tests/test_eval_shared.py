@@ -20,7 +20,7 @@ from policy_matrix import all_specs
 ARGS = ["--model", "test/tiny", "--task", "niah", "--lengths", "96", "--depths", "0,50,100", "--max-new-tokens", "4"]
 ARGS += ["--compression", QUESTION_AGNOSTIC, "--no-progress"]
 # fields that measure time (the rest of a record must match exactly)
-TIMING = {"time_s", "ttft_s", "decode_tok_s", "prefill_s", "prefill_forwards", "forks"}
+TIMING = {"time_s", "ttft_s", "decode_tok_s", "prefill_s", "prefill_forwards", "reconstructions", "forks"}
 SPECS = all_specs(24)  # every policy, each under every KVCrush and Ada-KV variant
 
 

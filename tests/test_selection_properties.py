@@ -45,11 +45,16 @@ def _forced(layer: FakeLayer, sink: int, recent: int) -> torch.Tensor:
     return forced_mask(layer.positions, layer.valid, layer.start, layer.seen, sink, recent)
 
 
-def _check_common(layer: FakeLayer, keep: torch.Tensor, budget: int, sink: int, recent: int) -> None:
+def _check_common(
+    layer: FakeLayer, keep: torch.Tensor, budget: int, sink: int, recent: int, ragged: bool = False
+) -> None:
     assert keep.shape == layer.valid.shape and keep.dtype == torch.bool
     assert not (keep & ~layer.valid).any(), "a free or padding slot was kept"
     want = layer.valid.sum(-1).clamp(max=budget)
-    assert torch.equal(keep.sum(-1), want), "kept != min(budget, real tokens) per row"
+    if ragged:  # heads share the row's budget (KVzip): only their sum is fixed
+        assert torch.equal(keep.sum((-1, -2)), want.sum(-1)), "kept != heads x min(budget, real tokens) per row"
+    else:
+        assert torch.equal(keep.sum(-1), want), "kept != min(budget, real tokens) per row"
     assert not (_forced(layer, sink, recent) & ~keep).any(), "a sink or recent token was evicted"
 
 
@@ -60,7 +65,7 @@ def test_host_selection_invariants(case, host):
     layer = FakeLayer(scores, valid)
     policy = parse_policy(f"{host}:budget={budget},sink={sink},recent={recent}{_extra(host)}")
     keep = policy.keep_mask(layer, budget)
-    _check_common(layer, keep, budget, sink, recent)
+    _check_common(layer, keep, budget, sink, recent, policy.ragged)
     if policy.shared:
         assert (keep == keep[:, :1]).all(), "a layer-shared policy kept different slots per head"
 
@@ -80,7 +85,7 @@ def test_kvcrush_token_invariants(case, host, anchor, pick, share):
     spec = f"{host}+kvcrush:budget={budget},sink={sink},recent={recent}{_extra(host)},crush={crush},anchor={anchor}"
     policy = parse_policy(f"{spec},pick={pick}")
     keep = policy.keep_mask(layer, budget)
-    _check_common(layer, keep, budget, sink, recent)
+    _check_common(layer, keep, budget, sink, recent, policy.ragged)
     by_host = policy.host.keep_mask(layer, budget - crush)
     assert not (by_host & ~keep).any(), "KVCrush dropped a token the host kept"
     reps = keep & ~by_host
