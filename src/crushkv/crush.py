@@ -171,7 +171,7 @@ def _ranks(m: torch.Tensor, k_eff, i: torch.Tensor, rule: str) -> torch.Tensor:
 def representative_mask(
     distance: torch.Tensor,
     candidates: torch.Tensor,
-    k: int,
+    k: int | torch.Tensor,
     rule: str = "bucket",
     fillers: torch.Tensor | None = None,
     order: torch.Tensor | None = None,
@@ -181,15 +181,55 @@ def representative_mask(
     Fast path for steady decoding, where every row has exactly ``k + 1`` candidates: with ``bucket``/``ovg`` picks the
     buckets have size one and the ranks kept are ``0..k-1``, i.e. the only candidate dropped is the last one in
     (distance, token order): the largest distance, the latest token among ties. No sort is needed for that.
+
+    ``k`` may be a tensor of per-row counts (``[...]``, see ``ragged_quota``); rows then keep ``min(k, m)``
+    candidates and nothing else.
     """
     length = distance.shape[-1]
     m = candidates.sum(-1)
+    if isinstance(k, torch.Tensor):
+        return _quota_mask(distance, candidates, k, rule, m, order)
     common_m = _common_value(m)
     if rule in ("bucket", "ovg") and k >= 1 and common_m == k + 1:
         key = torch.where(candidates, _sort_keys(distance, order), -1)
         drop = key.argmax(-1, keepdim=True)
         return candidates & (torch.arange(length, device=distance.device) != drop)
     return to_mask(_pick(distance, candidates, k, rule, fillers, m, common_m, order), length)
+
+
+def _quota_mask(
+    distance: torch.Tensor,
+    candidates: torch.Tensor,
+    quota: torch.Tensor,
+    rule: str,
+    m: torch.Tensor,
+    order: torch.Tensor | None,
+) -> torch.Tensor:
+    """``representative_mask`` with a count per row: bucket picks among each row's candidates, no fillers."""
+    width = int(quota.max()) if quota.numel() else 0
+    if width == 0:
+        return torch.zeros_like(candidates)
+    cls = torch.where(candidates, distance.long(), torch.as_tensor(_OTHER_KEY, device=distance.device))
+    ranked = torch.sort(_sort_keys(cls, order), dim=-1).indices
+    take = torch.minimum(m, quota)[..., None]
+    i = torch.arange(width, device=distance.device).expand(*m.shape, width)
+    ranks = bucket_ranks(m, take.clamp(min=1), i, rule).clamp(max=distance.shape[-1] - 1)
+    picks = ranked.gather(-1, ranks)
+    picks = torch.where(i < take, picks, picks[..., :1])  # past a row's count: repeat its first pick
+    return to_mask(picks, distance.shape[-1]) & (take > 0)
+
+
+def ragged_quota(m: torch.Tensor, k: int) -> torch.Tensor:
+    """Per-head counts ``[B, H]`` that sum to ``min(H * k, sum(m))`` per row, each within its ``m`` candidates.
+
+    Ragged hosts (KVzip, Ada-KV) may leave a head with fewer than ``k`` evicted slots; the representatives it cannot
+    take go to the next heads with spare candidates (in head order), so the row still holds its whole budget.
+    """
+    base = m.clamp(max=k)
+    spare = m - base
+    left = (m.shape[-1] * k - base.sum(-1, keepdim=True)).clamp(min=0)
+    before = spare.cumsum(-1) - spare
+    return base + (left - before).clamp(min=0).minimum(spare)
 
 
 def _common_value(counts: torch.Tensor) -> int | None:

@@ -24,6 +24,7 @@ from crushkv.crush import (
     indicators,
     make_anchor,
     pick_representatives,
+    ragged_quota,
     representative_mask,
 )
 from crushkv.policies.base import Wrapper, resolve_budget
@@ -153,6 +154,9 @@ class KVCrush(Wrapper):
         else:
             distance = self._distances_by_position(view, region)
         candidates = region & ~host_mask
+        if self.host.ragged and heads > 1:  # a head the host kept whole passes its share on (no padding to fill)
+            quota = ragged_quota(candidates.sum(-1), crush_tokens)
+            return representative_mask(distance, candidates, quota, self.pick, order=order)
         reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask, order=order)
         reps &= valid  # rows with fewer candidates than ``crush`` were filled with free slots
         return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
