@@ -2,9 +2,10 @@
 
 ``exact_prompt`` fuses the exact H2O prompt pass (logits, softmax, column sums and ``PV`` per cache-resident row
 block, the causal triangle balanced over the intra-op threads); ``paged_attend`` reads decode-time attention straight
-from a ``store=paged`` pool through its block table. Without them ``attention_math`` runs the same passes as PyTorch
-ops (the paged store then gathers its pages). The build (~30 s, once per torch version) goes to
-``<crushkv cache>/kernels/<tag>/``.
+from a ``store=paged`` pool through its block table; ``kvcrush_reps`` is KVCrush's whole token selection (signatures,
+anchor, distances, picks) for all stacked layers in one call. Without them ``attention_math`` and the KVCrush policy
+run the same steps as PyTorch ops (the paged store then gathers its pages). The build (~30 s, once per torch
+version) goes to ``<crushkv cache>/kernels/<tag>/``.
 
 ``$CRUSHKV_KERNELS``: ``auto`` (default: build when a compiler is found, else fall back with one warning),
 ``off`` (never build or load), ``require`` (a failed build is an error).
@@ -27,7 +28,9 @@ from pathlib import Path
 
 import torch
 
-SOURCES = tuple(Path(__file__).with_name(name) for name in ("exact_prompt.cpp", "paged_decode.cpp"))
+SOURCES = tuple(
+    Path(__file__).with_name(name) for name in ("exact_prompt.cpp", "paged_decode.cpp", "kvcrush_select.cpp")
+)
 #: headers the sources include: part of the build's identity
 HEADERS = (Path(__file__).with_name("softmax.h"),)
 MODES = ("auto", "off", "require")
@@ -39,6 +42,7 @@ class KernelState:
 
     op: Callable | None = None
     paged: Callable | None = None
+    reps: Callable | None = None
     path: Path | None = None
     error: str | None = None
     attempted: bool = False
@@ -148,6 +152,7 @@ def _load_once() -> None:
             torch.ops.load_library(str(_STATE.path))
         _STATE.op = torch.ops.crushkv.exact_prompt
         _STATE.paged = torch.ops.crushkv.paged_attend
+        _STATE.reps = torch.ops.crushkv.kvcrush_reps
     except (RuntimeError, OSError) as err:
         _STATE.error = str(err)
         if wanted == "require":
@@ -176,12 +181,21 @@ def paged_attend() -> Callable | None:
     return load().paged
 
 
+def kvcrush_reps() -> Callable | None:
+    """``torch.ops.crushkv.kvcrush_reps`` or ``None`` (kernels off, disabled here, or the build failed)."""
+    if _DISABLED:
+        return None
+    return load().reps
+
+
 def describe() -> str:
     """One line for reports: which compiled kernels this process uses (building them if needed)."""
     if _DISABLED:
         return "off (crushkv.kernels.disabled())"
     state = load()
-    return f"exact_prompt, paged_attend ({state.path})" if state.op is not None else f"off ({state.error})"
+    return (
+        f"exact_prompt, paged_attend, kvcrush_reps ({state.path})" if state.op is not None else f"off ({state.error})"
+    )
 
 
 @contextlib.contextmanager

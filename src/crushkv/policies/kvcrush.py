@@ -17,6 +17,7 @@ from typing import ClassVar
 
 import torch
 
+from crushkv import kernels
 from crushkv.crush import (
     ANCHORS,
     PICK_RULES,
@@ -145,14 +146,20 @@ class KVCrush(Wrapper):
         heads = 1 if self.host.shared else view.num_kv_heads
         valid, positions = view.valid[:, :heads], view.positions[:, :heads]
         order = None if view.order is None else view.order[:, :heads]
+        host_mask = host_mask[:, :heads]
+        scores = self.host.head_scores(view)  # [B, Hk or 1, G, n]
+        per_slot = view.aligned or heads == 1  # every KV head holds the same token in each slot
+        op = kernels.kvcrush_reps() if scores.device.type == "cpu" else None
+        if op is not None and scores.shape[1] * scores.shape[2] <= 64:  # signatures fit one 64-bit word
+            reps = self._compiled(op, view, scores, host_mask, crush_tokens, heads, per_slot)
+            return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
         forced = forced_mask(positions, valid, view.start, view.seen, self.sink, self.recent)
         region = valid & ~forced
-        host_mask = host_mask[:, :heads]
-        if view.aligned or heads == 1:
-            signatures = self._signatures(view, region[:, :1])  # [B, 1, n, S]: one signature per slot
+        if per_slot:
+            signatures = self._signatures(view, scores, region[:, :1])  # [B, 1, n, S]: one signature per slot
             distance = hamming(signatures, self._anchor(view, signatures, region[:, :1])).expand_as(region)
         else:
-            distance = self._distances_by_position(view, region)
+            distance = self._distances_by_position(view, scores, region)
         candidates = region & ~host_mask
         if self.host.ragged and heads > 1:  # a head the host kept whole passes its share on (no padding to fill)
             quota = ragged_quota(candidates.sum(-1), crush_tokens)
@@ -161,21 +168,43 @@ class KVCrush(Wrapper):
         reps &= valid  # rows with fewer candidates than ``crush`` were filled with free slots
         return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
 
-    def _signatures(self, view: LayerView, region: torch.Tensor) -> torch.Tensor:
+    def _compiled(self, op, view, scores, host_mask, crush_tokens: int, heads: int, per_slot: bool) -> torch.Tensor:
+        """``_representatives`` as one call of the compiled ``crushkv.kvcrush_reps`` (same picks, ties included):
+        the ~30 small ops of the op path cost more than the selection itself at decode-time sizes."""
+        valid, positions = view.valid[:, :heads], view.positions[:, :heads]
+        b, n = scores.shape[0], scores.shape[-1]
+        width = scores.shape[1] * scores.shape[2]
+        anchor = valid.new_empty(0)  # empty: the kernel computes each row's majority ("mean")
+        if self.anchor != "mean":
+            anchor = self._anchor(view, valid.new_zeros(b, 1, 1, width), valid)[:, 0]
+        order = view.order
+        return op(
+            *(_last_dim_contiguous(t) for t in (scores.float().reshape(b, width, n), valid, positions)),
+            view.start.long().contiguous(),
+            view.seen,
+            self.sink,
+            self.recent,
+            _last_dim_contiguous(host_mask),
+            positions.new_empty(0) if order is None else _last_dim_contiguous(order[:, :heads]),
+            anchor,
+            1 if per_slot else heads,
+            crush_tokens,
+            PICK_RULES.index(self.pick),
+        )
+
+    def _signatures(self, view: LayerView, scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """``[B, 1, n, S]`` per-slot bits, one per query head: is the token in the top half of that head's scores?
         (Every KV head holds the same token in each slot.)"""
-        scores = self.host.head_scores(view)  # [B, Hk or 1, G, n]
         b, hk, g, n = scores.shape
         order = view.order
         bits = indicators(scores.reshape(b, hk * g, n), region, None if order is None else order[:, :1])
         return bits.transpose(-1, -2)[:, None]
 
-    def _distances_by_position(self, view: LayerView, region: torch.Tensor) -> torch.Tensor:
+    def _distances_by_position(self, view: LayerView, scores: torch.Tensor, region: torch.Tensor) -> torch.Tensor:
         """``[B, kv_heads, n]`` Hamming distances when the KV heads hold different tokens in a slot (per-head
         eviction): a token's signature has one bit per query head, read where that head holds the token (0 where it
         evicted it), so the bits are collected by position, ``table[b, s, position]``. Distances to each head's
         anchor are then two small matmuls, ``|t| + |a| - 2 a.t``, without a per-(head, slot, bit) tensor."""
-        scores = self.host.head_scores(view)  # [B, Hk, G, n]
         b, hk, g, n = scores.shape
         order = view.order
         bits = indicators(scores, region[:, :, None], None if order is None else order[:, :, None])
@@ -262,6 +291,11 @@ class KVCrush(Wrapper):
         picked = host_blocks | to_mask(reps, n_blocks)
         chosen[blocks[picked].flatten()] = True
         return chosen
+
+
+def _last_dim_contiguous(t: torch.Tensor) -> torch.Tensor:
+    """``t`` as the kernel reads it: any strides but the last (sliced and expanded views pass without a copy)."""
+    return t if t.shape[-1] <= 1 or t.stride(-1) == 1 else t.contiguous()
 
 
 KVCRUSH_FIELDS = tuple(f.name for f in dataclasses.fields(KVCrush) if f.name != "host")
