@@ -149,7 +149,8 @@ class KVCrush(Wrapper):
         host_mask = host_mask[:, :heads]
         scores = self.host.head_scores(view)  # [B, Hk or 1, G, n]
         per_slot = view.aligned or heads == 1  # every KV head holds the same token in each slot
-        op = kernels.kvcrush_reps() if scores.device.type == "cpu" else None
+        ragged = self.host.ragged and heads > 1
+        op = kernels.kvcrush_reps() if scores.device.type == "cpu" and not ragged else None
         if op is not None and scores.shape[1] * scores.shape[2] <= 64:  # signatures fit one 64-bit word
             reps = self._compiled(op, view, scores, host_mask, crush_tokens, heads, per_slot)
             return reps.expand(-1, view.num_kv_heads, -1) if heads == 1 else reps
@@ -161,7 +162,7 @@ class KVCrush(Wrapper):
         else:
             distance = self._distances_by_position(view, scores, region)
         candidates = region & ~host_mask
-        if self.host.ragged and heads > 1:  # a head the host kept whole passes its share on (no padding to fill)
+        if ragged:  # a head the host kept whole passes its share on (no padding to fill)
             quota = ragged_quota(candidates.sum(-1), crush_tokens)
             return representative_mask(distance, candidates, quota, self.pick, order=order)
         reps = representative_mask(distance, candidates, crush_tokens, self.pick, fillers=~host_mask, order=order)
