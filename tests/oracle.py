@@ -8,6 +8,8 @@ logits. Sliding-window layers get their usual window mask.
 Quantized stores (``quant=``) hold keys/values that differ from the model's: ``record_store_kv`` snapshots, at every
 decode pass's attention, the dequantized K/V each such layer's store hands to attention, and the oracle's decode rows
 of that layer attend over exactly those tensors (the prompt pass attends at full precision, as the cache does).
+A low-precision tier (``tier=``) is recorded the same way: its tokens join the decode rows' masks (``KeptRecorder``
+also snapshots ``tier_positions``) and their dequantized K/V the recorded tensors.
 """
 
 from __future__ import annotations
@@ -52,16 +54,24 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 @contextlib.contextmanager
 def record_store_kv():
-    """Within the block, every decode pass of a layer on a ``QuantStore`` records ``(positions, valid, keys,
+    """Within the block, every decode pass of a layer on a ``QuantStore`` or with a tier records ``(positions, valid, keys,
     values)`` of its slots as its attention reads them; yields ``{layer index: [per pass]}``."""
     records: dict[int, list] = defaultdict(list)
     original = CrushCache.run_attention
 
     def run_attention(self, layer, query, *args, **kwargs):
         # a reconstruction pass (KVzip) is not a decode step: its tokens never reach the sequence
-        if layer.prompt_done and not layer.transient and isinstance(layer.store, QuantStore):
-            keys, values = layer.store.dense(layer.hw)
-            records[layer.layer_idx].append((layer.positions.clone(), layer.valid.clone(), keys, values))
+        quantized = isinstance(layer.store, QuantStore) or layer.tier is not None
+        if layer.prompt_done and not layer.transient and quantized:
+            keys, values = (t.clone() for t in layer.store.dense(layer.hw))
+            positions, valid = layer.positions.clone(), layer.valid.clone()
+            if layer.tier is not None and len(layer.tier):
+                tier_keys, tier_values, tier_positions, tier_valid = layer.tier.dense()
+                h = tier_valid.shape[1]
+                positions = torch.cat([positions.expand(-1, h, -1), tier_positions], -1)
+                valid = torch.cat([valid.expand(-1, h, -1), tier_valid], -1)
+                keys, values = torch.cat([keys, tier_keys], 2), torch.cat([values, tier_values], 2)
+            records[layer.layer_idx].append((positions, valid, keys, values))
         return original(self, layer, query, *args, **kwargs)
 
     CrushCache.run_attention = run_attention
@@ -96,9 +106,12 @@ class KeptRecorder(LogitsProcessor):
     def __init__(self, cache) -> None:
         self.cache = cache
         self.history: list[dict[int, torch.Tensor]] = []
+        #: per step, the positions of each layer's low-precision tier (empty tensors without one)
+        self.tiers: list[dict[int, torch.Tensor]] = []
 
     def __call__(self, input_ids, scores):
         self.history.append({i: self.cache.kept_positions(i) for i in self.cache.compressed_layers})
+        self.tiers.append({i: self.cache.tier_positions(i) for i in self.cache.compressed_layers})
         return scores
 
 
@@ -139,6 +152,9 @@ def oracle_masks(
                 kept = recorder.history[step - 1][idx]  # positions held after the previous forward, -1 = none
                 seen = torch.zeros(batch, heads, total + 1, dtype=torch.bool)
                 seen.scatter_(-1, torch.where(kept >= 0, kept, total), True)
+                tier = recorder.tiers[step - 1][idx]
+                if tier.numel():
+                    seen.scatter_(-1, torch.where(tier >= 0, tier, total), True)
                 allowed[:, :, row, :] = seen[..., :total]
                 allowed[:, :, row, row] = True
             allowed &= valid[:, None, None, :]

@@ -23,6 +23,8 @@ assert set(STORE_OPTIONS) == set(STORES), "a store without a matrix entry"
 #: quantized slots (on the dense store) for tiny models: groups of 4 tokens / 4 channels and an 8-token residual, so
 #: a 24-token prompt is mostly quantized and decoding quantizes a new key group every 4 tokens
 QUANT_OPTIONS = {"int4": "quant=int4,group=4,residual=8", "int2": "quant=int2,group=4,residual=8"}
+#: evicted tokens kept at low precision, quantized per token in groups of 4 channels
+TIER_OPTIONS = {"int2": "tier=int2,group=4", "int8": "tier=int8"}
 
 
 def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: str | None = None, extra=None) -> str:
@@ -50,14 +52,21 @@ def small_spec(name: str, budget: int | float, phase: str | None = None, wrap: s
 
 
 def all_specs(
-    budget: int | float, phase: str | None = None, store: str | None = None, quant: str | None = None
+    budget: int | float,
+    phase: str | None = None,
+    store: str | None = None,
+    quant: str | None = None,
+    tier: str | None = None,
 ) -> list[str]:
     """Every host policy, every host under each KVCrush variant, every per-head host under each Ada-KV variant
-    (``quant``: a ``QUANT_OPTIONS`` entry, on the dense store)."""
+    (``quant``: a ``QUANT_OPTIONS`` entry, on the dense store; ``tier``: a ``TIER_OPTIONS`` entry, whereupon
+    ``full``, which evicts nothing, is left out)."""
     options = [STORE_OPTIONS[store]] if store else []
     options += [QUANT_OPTIONS[quant]] if quant else []
+    options += [TIER_OPTIONS[tier]] if tier else []
     extra = ",".join(options) or None
-    specs = [small_spec(name, budget, phase, extra=extra) for name in sorted(REGISTRY)]
+    names = [name for name in sorted(REGISTRY) if REGISTRY[name].compresses or not tier]
+    specs = [small_spec(name, budget, phase, extra=extra) for name in names]
     for name in sorted(REGISTRY):
         cls = REGISTRY[name]
         if not cls.compresses:

@@ -217,3 +217,45 @@ def test_quantized_storage_equals_the_formula_at_every_step(arch_model, spec):
             out = model(token, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
             token = out.logits[:, -1:].argmax(-1)
             check()
+
+
+def _tier_token_bytes(layer: CompressedLayer) -> int:
+    """Bytes of one token in a low-precision tier: the packed key and value codes plus one scale and zero per group
+    of channels, for both."""
+    tier = layer.tier
+    per_token = 0
+    for d in (layer.key_dim, layer.value_dim):
+        per_token += -(-d * tier.bits // 8) + 2 * -(-d // min(tier.group, d)) * layer.dtype.itemsize
+    return per_token
+
+
+@pytest.mark.parametrize("spec", [f"{s},tier=int2,group=16" for s in SPECS] + [f"{SPECS[1]},phase=prefill,tier=int4"])
+def test_the_tier_holds_every_evicted_token_at_its_formula(arch_model, spec):
+    """No token left behind: after every step each row's full-precision slots and tier together hold every real
+    token it has seen; the tier's bytes are the formula (codes + ranges) per token held, its storage that per slot of a
+    capacity at most one growth step above the fullest row."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=PROMPT, pad=7)
+
+    def check():
+        real = mask.sum(-1)  # real tokens per batch row
+        for i in cache.compressed_layers:
+            layer = cache.layers[i]
+            tier_counts = layer.tier.counts if layer.tier.counts is not None else 0
+            held = layer.counts() + tier_counts
+            assert torch.equal(held, real[:, None].expand_as(held)), (held, real)
+            per_token, b, h = _tier_token_bytes(layer), *held.shape
+            assert layer.tier.logical_nbytes() == int(layer.tier.counts.sum()) * per_token
+            assert layer.tier.nbytes() == b * h * layer.tier.capacity * per_token
+            assert layer.tier.capacity <= grown(int(layer.tier.counts.max()))
+
+    with torch.no_grad(), crushkv.compress(model, spec) as cache:
+        out = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
+        check()
+        token = out.logits[:, -1:].argmax(-1)
+        for _ in range(12):
+            mask = torch.cat([mask, torch.ones_like(token)], dim=1)
+            out = model(token, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
+            token = out.logits[:, -1:].argmax(-1)
+            check()
+    assert cache.nbytes() < cache.full_nbytes()

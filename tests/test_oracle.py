@@ -16,7 +16,7 @@ from oracle import (
     record_store_kv,
     stored_by_position,
 )
-from policy_matrix import QUANT_OPTIONS, STORE_OPTIONS, all_specs
+from policy_matrix import QUANT_OPTIONS, STORE_OPTIONS, TIER_OPTIONS, all_specs
 
 NEW_TOKENS = 12
 BUDGET = 12
@@ -31,7 +31,8 @@ def _check_against_oracle(model, spec: str, **generate_kwargs) -> None:
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], total - mask.shape[1], dtype=mask.dtype)], dim=1)
     masks = oracle_masks(model, cache, recorder, mask, total)
     stored = stored_by_position(records, total)
-    assert bool(stored) == ("quant=" in spec), "quantized layers (only those) hand their stored K/V to the oracle"
+    quantized = "quant=" in spec or "tier=" in spec
+    assert bool(stored) == quantized, "quantized layers (only those) hand their stored K/V to the oracle"
     reference = oracle_logits(model, sequence, generation_positions(full_mask), masks, stored)
     prompt = ids.shape[1]
     for step, logits in enumerate(out.logits):
@@ -67,6 +68,50 @@ def test_eviction_matches_masked_oracle(arch_model, spec):
 def test_quantized_eviction_matches_oracle_over_the_stored_kv(arch_model, spec):
     _, model = arch_model
     _check_against_oracle(model, spec)
+
+
+#: the matrix once more with evicted tokens kept at 2 bits: they stay visible, over their dequantized K/V
+TIER_MATRIX = [
+    spec
+    for phase in ("prefill", "decode")
+    for spec in all_specs(budget=BUDGET, phase=phase, tier="int2")
+    if "phase=" in spec or phase == "prefill"
+]
+
+
+@pytest.mark.parametrize("spec", TIER_MATRIX)
+def test_low_precision_tier_matches_oracle_over_the_stored_kv(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "h2o:budget=12,sink=2,recent=4,phase=decode,tier=int8",
+        f"snapkv+kvcrush:budget=12,sink=2,recent=4,window=4,crush=4,{QUANT_OPTIONS['int4']},tier=int2",
+        "h2o+adakv:budget=12,sink=2,recent=4,phase=decode,store=paged,page=4,tier=int4,group=8",
+    ],
+)
+def test_tier_with_other_stores_and_bit_widths_matches_oracle(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+def test_oracle_detects_the_tier(arch_model):
+    """Not vacuous: the tier's tokens change the logits (an oracle that drops them, as without a tier, differs)."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=24, pad=5)
+    spec = f"snapkv:budget={BUDGET},sink=2,recent=4,window=4,{TIER_OPTIONS['int8']}"
+    with crushkv.compress(model, spec) as cache:
+        out, recorder = generate_recorded(model, cache, ids, mask, NEW_TOKENS)
+    assert any(t.numel() for t in recorder.tiers[-1].values()), "the cut demoted tokens into the tier"
+    total = out.sequences.shape[1] - 1
+    full_mask = torch.cat([mask, torch.ones(2, total - 24, dtype=mask.dtype)], dim=1)
+    recorder.tiers = [{i: torch.zeros(0, 0, 0, dtype=torch.long) for i in step} for step in recorder.tiers]
+    masks = oracle_masks(model, cache, recorder, mask, total)
+    reference = oracle_logits(model, out.sequences[:, :-1], generation_positions(full_mask), masks)
+    assert not torch.allclose(out.logits[-1], reference[:, -1], atol=1e-3)
 
 
 @pytest.mark.parametrize(

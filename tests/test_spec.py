@@ -167,6 +167,15 @@ def test_quant_keys_on_every_policy_full_included():
     assert "quant" not in parse_policy("h2o:budget=64").spec
 
 
+def test_tier_keys_round_trip_and_reach_wrappers():
+    """``tier=`` sits on the host and is read through wrappers; ``group=`` sets the tier's channel groups without
+    ``quant=``; ``tier=drop`` (the default) stays out of canonical specs."""
+    crush = parse_policy("snapkv+kvcrush:budget=0.5,crush=0.25,tier=INT2,group=16")
+    assert (crush.tier, crush.group, crush.quant) == ("int2", 16, "none")
+    assert parse_policy(crush.spec) == crush and "tier=int2" in crush.spec
+    assert "tier" not in parse_policy("h2o:budget=64,tier=drop").spec
+
+
 @pytest.mark.parametrize(
     ("spec", "message"),
     [
@@ -177,6 +186,9 @@ def test_quant_keys_on_every_policy_full_included():
         ("h2o:budget=64,quant=int4,residual=-1", "residual must be an int >= 0"),
         ("snapkv+kvcrush:budget=64,quant=int4,residual=40000", "residual + group must be <= 32000"),
         ("full:quant=int4,budget=5", "full keeps every token: it takes no 'budget'"),
+        ("h2o:budget=64,tier=int3", "tier must be one of drop|int8|int4|int2"),
+        ("full:tier=int2", "full keeps every token: it takes no 'tier'"),
+        ("h2o:budget=64,residual=64,tier=int2", "add quant=int8|int4|int2"),
     ],
 )
 def test_bad_quant_specs_fail_clearly(spec, message):

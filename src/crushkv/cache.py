@@ -181,6 +181,8 @@ class CrushCache(Cache):
 
     def attend(self, layer: CompressedLayer, plan: PassPlan, query: torch.Tensor, scaling: float):
         """The pass's output and the statistics the plan requests."""
+        if layer.tier is not None and len(layer.tier):
+            return self._attend_with_tier(layer, plan, query, scaling)
         result = None
         if not plan.first and plan.q <= DEFER_MAX_TOKENS:  # decode: the fused kernel reads the store's pages in place
             pages = layer.store.page_view(layer.hw)
@@ -189,6 +191,34 @@ class CrushCache(Cache):
             keys, values = layer.attention_inputs(plan.first)
             result = attend(query, keys, values, plan.visibility, plan.row_valid, scaling, plan.request)
         return result
+
+    def _attend_with_tier(self, layer: CompressedLayer, plan: PassPlan, query: torch.Tensor, scaling: float):
+        """Attention over the layer's slots followed by its low-precision tier (``tier=``); the statistics are cut
+        back to the layer's slots, the only ones the policy still scores."""
+        keys, values = layer.attention_inputs(plan.first)
+        tier_keys, tier_values, tier_positions, tier_valid = layer.tier.dense()
+        n, vis = keys.shape[2], plan.visibility
+        b, h = tier_valid.shape[:2]
+        visibility = Visibility(
+            torch.cat([vis.positions.expand(b, h, -1), tier_positions], -1),
+            torch.cat([vis.valid.expand(b, h, -1), tier_valid], -1),
+            vis.query_positions,
+            vis.window,
+        )
+        out, stats = attend(
+            query,
+            torch.cat([keys, tier_keys], 2),
+            torch.cat([values, tier_values], 2),
+            visibility,
+            plan.row_valid,
+            scaling,
+            plan.request,
+        )
+        for name in ("colsum", "count", "last"):
+            value = getattr(stats, name)
+            if value is not None:
+                setattr(stats, name, value[..., :n])
+        return out, stats
 
     def end_pass(self, layer: CompressedLayer, plan: PassPlan, query: torch.Tensor, stats, position_ids) -> None:
         """Fold the statistics into the policy state and queue (or run) the layer's eviction."""
@@ -257,6 +287,15 @@ class CrushCache(Cache):
         start = layer.cumulative_length - n
         return torch.arange(start, start + n, device=layer.keys.device).expand(b, h, n).clone()
 
+    def tier_positions(self, layer_idx: int) -> torch.Tensor:
+        """Positions a layer holds in its low-precision tier (``tier=``), ``[batch, kv_heads, max held]`` ascending
+        per row, ``-1`` where a row holds fewer; empty without a tier."""
+        layer = self.layers[layer_idx]
+        tier = getattr(layer, "tier", None)
+        if tier is None or not len(tier):
+            return torch.zeros(0, 0, 0, dtype=torch.long)
+        return tier.held_positions()
+
     def kept_counts(self, layer_idx: int) -> torch.Tensor:
         """``[batch, kv_heads]`` tokens held per (batch row, KV head) of a compressed layer."""
         return self.layers[layer_idx].counts()
@@ -278,6 +317,7 @@ class CrushCache(Cache):
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
                 total += 0 if layer.store is None else layer.store.nbytes()
+                total += 0 if layer.tier is None else layer.tier.nbytes()
             elif layer.is_initialized:
                 total += sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values))
         return total
@@ -296,6 +336,8 @@ class CrushCache(Cache):
                 if layer.store is not None:
                     per_token = (layer.key_dim + layer.value_dim) * layer.dtype.itemsize
                     total += int(layer.counts().sum()) * per_token
+                if layer.tier is not None:  # its codes and ranges: a demoted token's bytes are its quantized form
+                    total += layer.tier.logical_nbytes()
             elif layer.is_initialized:
                 total += sum(t.numel() * t.element_size() for t in (layer.keys, layer.values))
         return total

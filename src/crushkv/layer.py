@@ -24,7 +24,8 @@ from transformers.cache_utils import DynamicLayer
 from crushkv.attention_math import Visibility
 from crushkv.selection import mask_to_indices, order_keys
 from crushkv.stats import Stats
-from crushkv.stores import KVStore, grown
+from crushkv.quant import BITS
+from crushkv.stores import KVStore, LowTier, grown
 
 
 class CompressedLayer(DynamicLayer):
@@ -54,6 +55,8 @@ class CompressedLayer(DynamicLayer):
 
     def _clear(self) -> None:
         self.store: KVStore | None = None
+        #: evicted tokens kept at low precision (``tier=``), None when evicted tokens are dropped
+        self.tier: LowTier | None = None
         self._positions: torch.Tensor | None = None  # [B, H, capacity]
         self._valid: torch.Tensor | None = None  # [B, H, capacity]
         self._state: dict[str, torch.Tensor] = {}  # [B, H, ..., capacity]
@@ -92,6 +95,8 @@ class CompressedLayer(DynamicLayer):
         if self.store is None:
             self.store = self.make_store(key_states, value_states)
             self.store.adopt(key_states, value_states)
+            if self.policy.tier != "drop":
+                self.tier = LowTier(BITS[self.policy.tier], self.policy.group)
             self._positions = torch.arange(q, device=self.device).expand(b, h, q).contiguous()
             self._valid = torch.ones(b, h, q, dtype=torch.bool, device=self.device)
             self._fit_metadata()
@@ -143,6 +148,8 @@ class CompressedLayer(DynamicLayer):
         if self.store is None:
             return
         self.store.map_batch(fn)
+        if self.tier is not None:
+            self.tier.map_batch(fn)
         self._positions, self._valid = fn(self._positions), fn(self._valid)
         self._state = {name: fn(t) for name, t in self._state.items()}
         self.start = fn(self.start)
@@ -189,6 +196,9 @@ class CompressedLayer(DynamicLayer):
     def keep(self, mask: torch.Tensor, budgets: tuple[int, ...]) -> None:
         """Free every slot outside ``mask`` (``[B, H, n]``), compact rows with many holes, release storage."""
         n = mask.shape[-1]
+        if self.tier is not None:  # the freed tokens move to the low-precision tier before their slots are reused
+            keys, values = self.store.dense(n)
+            self.tier.add(self._valid[..., :n] & ~mask, self._positions[..., :n], keys, values)
         self._valid[..., :n] &= mask
         self.store.evicted(~mask)
         self.holes = True

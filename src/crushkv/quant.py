@@ -18,6 +18,8 @@ import torch
 #: ``quant=`` spec values and their bit widths (``none``: full precision)
 BITS = {"int8": 8, "int4": 4, "int2": 2}
 QUANT_MODES = ("none", *BITS)
+#: ``tier=`` spec values: what happens to evicted tokens (``drop``: freed)
+TIER_MODES = ("drop", *BITS)
 
 
 def levels(bits: int) -> int:

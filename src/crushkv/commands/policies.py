@@ -8,7 +8,9 @@ import dataclasses
 from crushkv.policies import REGISTRY, WRAPPERS, Host
 
 #: keys every host shares: printed once, not per policy
-SHARED_KEYS = ("budget", "sink", "recent", "phase", "interval", "store", "page", "quant", "group", "residual")
+SHARED_KEYS = (
+    "budget", "sink", "recent", "phase", "interval", "store", "page", "quant", "group", "residual", "tier"
+)
 
 WRAPPER_NOTES = {
     "kvcrush": (
@@ -74,4 +76,8 @@ def run(args: argparse.Namespace) -> int:
     print("  snapkv+kvcrush:budget=0.5,quant=int4 is eviction + KIVI: evicting a token inside a quantized group keeps")
     print("  its neighbours' values exact (the group's range stays while any of its tokens is kept).")
     print("  full takes store=, page=, quant=, group=, residual= only.")
+    print("\nevicted tokens at low precision (any compressing policy, any store): tier=drop|int8|int4|int2")
+    print("  (default drop). MiKV-style: what the policy evicts is kept per token at that precision (groups of group")
+    print("  channels) and still attended over; it is not scored again. budget= counts full-precision tokens;")
+    print("  snapkv:budget=0.25,tier=int2 keeps 25 % at full precision and the other 75 % at 2 bits.")
     return 0

@@ -79,7 +79,7 @@ def _convert(raw: str, annotation: object, key: str, where: str) -> object:
         if "str" in names:  # a number or a keyword (``interval=auto``); the policy validates the keyword
             return text.lower()
         raise ValueError(f"{where}: {key} must be a number, got {raw!r}") from None
-    return text.lower() if key in ("store", "quant", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
+    return text.lower() if key in ("store", "quant", "tier", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
 
 
 def _annotations(cls: type) -> dict[str, object]:

@@ -20,7 +20,7 @@ from typing import ClassVar
 
 import torch
 
-from crushkv.quant import QUANT_MODES
+from crushkv.quant import QUANT_MODES, TIER_MODES
 from crushkv.selection import forced_mask, priority, top_mask
 from crushkv.stats import Stats, StatsRequest
 from crushkv.stores import STORES
@@ -50,6 +50,8 @@ class Policy:
     ``decode`` after every forward (every ``interval`` tokens). ``store``: ``dense`` or ``paged`` (``page`` tokens per
     page). ``quant``: ``none`` or KIVI-style ``int8|int4|int2`` slots (keys per channel over ``group`` tokens, values
     per token over ``group`` channels, the newest ``residual`` tokens at full precision; ``crushkv.stores.quant``).
+    ``tier``: ``drop`` (evicted tokens are freed) or ``int8|int4|int2``: evicted tokens are kept at that precision,
+    per token in groups of ``group`` channels, and still attended over (MiKV; ``crushkv.stores.tier``).
     """
 
     name: ClassVar[str] = ""
@@ -77,6 +79,7 @@ class Policy:
     quant: str
     group: int
     residual: int
+    tier: str
 
     # ------------------------------------------------------------------ configuration
     def scorer(self) -> Policy:
@@ -177,6 +180,7 @@ class Host(Policy):
     quant: str = field(default="none", metadata={"omit_default": True})
     group: int = field(default=32, metadata={"omit_default": True})
     residual: int = field(default=128, metadata={"omit_default": True})
+    tier: str = field(default="drop", metadata={"omit_default": True})
 
     def __post_init__(self) -> None:
         # not fields: equality and specs see the resolved phase only
@@ -233,9 +237,15 @@ class Host(Policy):
             value = getattr(self, key)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ValueError(f"{self.name}: {key} must be an int >= {low}, got {value!r}")
+        if self.tier not in TIER_MODES:
+            raise ValueError(f"{self.name}: tier must be one of {'|'.join(TIER_MODES)}, got {self.tier!r}")
+        if self.tier != "drop" and not self.compresses:
+            raise ValueError(f"{self.name} evicts nothing: tier={self.tier} sets the precision of evicted tokens")
         if self.quant == "none":
-            if (self.group, self.residual) != (32, 128):
-                raise ValueError(f"{self.name}: group= and residual= set the quantizer; add quant=int8|int4|int2")
+            if self.residual != 128 or (self.group != 32 and self.tier == "drop"):
+                raise ValueError(
+                    f"{self.name}: group= and residual= set the quantizer; add quant=int8|int4|int2 (or tier=)"
+                )
             return
         if self.store != "dense":
             raise ValueError(
@@ -302,6 +312,7 @@ class Wrapper(Policy):
     quant = property(lambda self: self.host.quant)
     group = property(lambda self: self.host.group)
     residual = property(lambda self: self.host.residual)
+    tier = property(lambda self: self.host.tier)
 
     @property
     def batchable(self) -> bool:  # type: ignore[override]

@@ -6,6 +6,7 @@ from crushkv.stores.base import KVStore, Pages, grown
 from crushkv.stores.dense import DenseStore
 from crushkv.stores.paged import BlockPool, PagedStore
 from crushkv.stores.quant import QuantScratch, QuantStore
+from crushkv.stores.tier import LowTier
 
 STORES = ("dense", "paged")
 
@@ -14,6 +15,7 @@ __all__ = [
     "BlockPool",
     "DenseStore",
     "KVStore",
+    "LowTier",
     "PagedStore",
     "Pages",
     "QuantScratch",
