@@ -54,8 +54,8 @@ def _oracle_attention(module, query, key, value, attention_mask, dropout=0.0, sc
 
 @contextlib.contextmanager
 def record_store_kv():
-    """Within the block, every decode pass of a layer on a ``QuantStore`` or with a tier records ``(positions, valid, keys,
-    values)`` of its slots as its attention reads them; yields ``{layer index: [per pass]}``."""
+    """Within the block, every decode pass of a layer on a ``QuantStore`` or with a tier records ``(positions, valid,
+    keys, values)`` of its slots as its attention reads them; yields ``{layer index: [per pass]}``."""
     records: dict[int, list] = defaultdict(list)
     original = CrushCache.run_attention
 

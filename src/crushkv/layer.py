@@ -22,9 +22,9 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 from crushkv.attention_math import Visibility
+from crushkv.quant import BITS
 from crushkv.selection import mask_to_indices, order_keys
 from crushkv.stats import Stats
-from crushkv.quant import BITS
 from crushkv.stores import KVStore, LowTier, grown
 
 

@@ -34,6 +34,8 @@ from crushkv.policies.kvcrush import KVCrush
 WRAPPERS: dict[str, type[Wrapper]] = {"adakv": AdaKV, "kvcrush": KVCrush}
 #: keys ``full`` accepts (it keeps everything; only where it keeps it can be chosen)
 STORAGE_KEYS = ("store", "page", "quant", "group", "residual")
+#: keys whose values are keywords, matched case-insensitively
+LOWERCASE_KEYS = ("store", "quant", "tier", "anchor", "pick", "granularity", "phase", "norm", "pool")
 
 __all__ = [
     "REGISTRY",
@@ -79,7 +81,7 @@ def _convert(raw: str, annotation: object, key: str, where: str) -> object:
         if "str" in names:  # a number or a keyword (``interval=auto``); the policy validates the keyword
             return text.lower()
         raise ValueError(f"{where}: {key} must be a number, got {raw!r}") from None
-    return text.lower() if key in ("store", "quant", "tier", "anchor", "pick", "granularity", "phase", "norm", "pool") else text
+    return text.lower() if key in LOWERCASE_KEYS else text
 
 
 def _annotations(cls: type) -> dict[str, object]:

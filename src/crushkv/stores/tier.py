@@ -46,7 +46,7 @@ class LowTier:
     def add(self, freed: torch.Tensor, positions: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         """Demote the slots where ``freed`` ``[B, H, n]`` is True: their ``positions`` and ``keys``/``values``
         ``[B, H, n, d]`` (what the layer's store held) are quantized into the next free slots of each row."""
-        b, h, n = freed.shape
+        b, h = freed.shape[:2]
         if self.counts is None:
             self.counts = torch.zeros(b, h, dtype=torch.long, device=freed.device)
             self.dims, self.dtype = (keys.shape[-1], values.shape[-1]), keys.dtype
