@@ -42,20 +42,19 @@ def _check_against_oracle(model, spec: str, **generate_kwargs) -> None:
         assert all(len(h[i][0, 0]) < total for h in recorder.history[-1:] for i in h)
 
 
-MATRIX = [
-    spec
-    for store in STORES
-    for phase in ("prefill", "decode")
-    for spec in all_specs(budget=BUDGET, phase=phase, store=store)
-    if "phase=" in spec or phase == "prefill"  # ``full`` has no phase: once per store
-]
+def _both_phases(**options) -> list[str]:
+    """``all_specs`` in both phases (``full``, which has no phase, once)."""
+    return [
+        spec
+        for phase in ("prefill", "decode")
+        for spec in all_specs(budget=BUDGET, phase=phase, **options)
+        if "phase=" in spec or phase == "prefill"
+    ]
+
+
+MATRIX = [spec for store in STORES for spec in _both_phases(store=store)]
 #: the whole matrix again on quantized slots: logits equal the oracle attending over the store's dequantized K/V
-QUANT_MATRIX = [
-    spec
-    for phase in ("prefill", "decode")
-    for spec in all_specs(budget=BUDGET, phase=phase, quant="int4")
-    if "phase=" in spec or phase == "prefill"
-]
+QUANT_MATRIX = _both_phases(quant="int4")
 
 
 @pytest.mark.parametrize("spec", MATRIX)
@@ -71,12 +70,7 @@ def test_quantized_eviction_matches_oracle_over_the_stored_kv(arch_model, spec):
 
 
 #: the matrix once more with evicted tokens kept at 2 bits: they stay visible, over their dequantized K/V
-TIER_MATRIX = [
-    spec
-    for phase in ("prefill", "decode")
-    for spec in all_specs(budget=BUDGET, phase=phase, tier="int2")
-    if "phase=" in spec or phase == "prefill"
-]
+TIER_MATRIX = _both_phases(tier="int2")
 
 
 @pytest.mark.parametrize("spec", TIER_MATRIX)
