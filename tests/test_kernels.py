@@ -257,3 +257,57 @@ def test_paged_kernel_rejects_bad_input(compiled_kernel) -> None:
         op(rows.double(), pool, pool, table, 8, vis, 1.0, False)
     with pytest.raises(RuntimeError, match="int64 table and bool mask"):
         op(rows, pool, pool, table.int(), 8, vis, 1.0, False)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize(("g", "q", "dk", "dv", "per_head"), [(3, 1, 16, 12, True), (2, 4, 12, 16, False)])
+def test_quant_kernel_matches_attention_over_the_dequantized_slots(bits, g, q, dk, dv, per_head, compiled_kernel):
+    """Decode attention read from a ``quant=`` store's packed codes equals attention over ``QuantStore.dense``:
+    quantized groups, the full-precision residual, slots freed inside a group, a rewritten slot, and head sizes
+    that leave ragged bytes and a ragged value group."""
+    from crushkv.stores import QuantScratch, QuantStore
+
+    b, hk, n = 2, 2, 40
+    gen = torch.Generator().manual_seed(bits * 10 + q)
+    keys, values = torch.randn(b, hk, n + 1, dk, generator=gen), torch.randn(b, hk, n + 1, dv, generator=gen)
+    store = QuantStore(bits, 8, 6, QuantScratch())
+    store.adopt(keys[:, :, :n], values[:, :, :n])
+    freed = torch.rand(b, hk, n, generator=gen) < 0.25
+    freed[..., n - q :] = False
+    if not per_head:  # one visibility row for every head: every head holds the same token in each slot
+        freed = freed[:, :1].expand(b, hk, n).clone()
+    store.evicted(freed)
+    slot = freed.float().argmax(-1, keepdim=True)  # each row rewrites one freed slot with a new token
+    store.write(slot, keys[:, :, n:], values[:, :, n:])
+    held = ~freed
+    held.scatter_(-1, slot, True)
+    assert bool((store.where[:, :, :n] >= 0).any()) and bool((store.where[:, :, :n] < -1).any())
+    query = torch.randn(b, hk * g, q, dk, generator=gen)
+    positions = torch.arange(n).expand(b, hk, n).clone()
+    positions.scatter_(-1, slot, n)
+    heads = hk if per_head else 1
+    valid = held[:, :heads]
+    vis = am.Visibility(positions[:, :heads], valid, torch.arange(n - q + 1, n + 1))
+    row_valid = torch.ones(b, q, dtype=torch.bool)
+    for request in (StatsRequest(rows=ALL_ROWS, last=True, count=True), StatsRequest()):
+        got_out, got = am.paged_attend(query, store.page_view(n), n, vis, row_valid, 0.3, request)
+        want_out, want = am.attend(query, *store.dense(n), vis, row_valid, 0.3, request)
+        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+        for name in ("colsum", "count", "last"):
+            a, e = getattr(got, name), getattr(want, name)
+            assert (a is None) == (e is None), name
+            if a is not None:
+                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+    with kernels.disabled():
+        assert am.paged_attend(query, store.page_view(n), n, vis, row_valid, 0.3, StatsRequest()) is None
+
+
+def test_quant_kernel_rejects_a_slot_outside_the_store(compiled_kernel):
+    from crushkv.stores import QuantScratch, QuantStore
+
+    store = QuantStore(4, 4, 4, QuantScratch())
+    store.adopt(torch.randn(1, 1, 12, 8), torch.randn(1, 1, 12, 8))
+    store.where[0, 0, 0] = 99  # no such key group
+    visible = torch.ones(1, 1, 1, 12, dtype=torch.bool)
+    with pytest.raises(RuntimeError, match="key group or residual entry"):
+        kernels.quant_attend()(torch.randn(1, 1, 1, 8), *store.page_view(12)[:9], 12, visible, 1.0, 4, 8, False)

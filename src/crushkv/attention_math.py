@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from crushkv import kernels
 from crushkv.stats import ALL_ROWS, TAIL_ROWS, Stats, StatsRequest
+from crushkv.stores.base import Pages, QuantSlots
 
 #: probabilities materialised per chunk of the generic pass (elements); 2M floats = 8 MB, cache-friendly
 CHUNK_ELEMENTS = 1 << 21
@@ -193,28 +194,34 @@ def _tail_stats(grouped, keys, rows_of, row_valid, scaling: float, request: Stat
 
 def paged_attend(
     query: torch.Tensor,
-    pages,
+    pages: Pages | QuantSlots,
     n: int,
     visibility: Visibility,
     row_valid: torch.Tensor,
     scaling: float,
     request: StatsRequest | None,
 ) -> tuple[torch.Tensor, Stats] | None:
-    """Decode attention read page by page through a store's block table (``KVStore.page_view``; a dense store is one
-    page per row) by the compiled kernel: one fused pass, and no gather of a paged store's pages. The same statistics
-    as ``attend``; ``None`` where the kernel does not apply (no kernel, not CPU fp32, autograd): then the caller
-    reads ``KVStore.dense`` instead."""
-    op = kernels.paged_attend()
+    """Decode attention read in place by a compiled kernel: page by page through a store's block table
+    (``KVStore.page_view``; a dense store is one page per row), or from a quantized store's packed codes: one fused
+    pass, no gather of a paged store's pages and no dequantized copy of a quantized layer. The same statistics as
+    ``attend``; ``None`` where the kernel does not apply (no kernel, not CPU fp32, autograd): then the caller reads
+    ``KVStore.dense`` instead."""
+    quantized = isinstance(pages, QuantSlots)
+    op = kernels.quant_attend() if quantized else kernels.paged_attend()
     tracked = torch.is_grad_enabled() and query.requires_grad
-    if op is None or tracked or query.device.type != "cpu" or not query.dtype == pages.keys.dtype == torch.float32:
+    held = pages.fp_keys if quantized else pages.keys
+    if op is None or tracked or query.device.type != "cpu" or not query.dtype == held.dtype == torch.float32:
         return None
     b, hq, q, d = query.shape
-    hk = pages.table.shape[0] // b
+    hk = pages.where.shape[1] if quantized else pages.table.shape[0] // b
     g = hq // hk
     rows = query.reshape(b, hk, g * q, d).contiguous()  # row g * q + i: query i of head g (query heads are KV-major)
     visible = visibility.rows(0, q).contiguous()
     request = request or StatsRequest()
-    out, probs = op(rows, pages.keys, pages.values, pages.table, n, visible, scaling, not request.empty)
+    if quantized:
+        out, probs = op(rows, *pages[:9], n, visible, scaling, pages.bits, pages.value_size, not request.empty)
+    else:
+        out, probs = op(rows, pages.keys, pages.values, pages.table, n, visible, scaling, not request.empty)
     out = out.view(b, hk, g, q, -1).permute(0, 3, 1, 2, 4).reshape(b, q, hq, -1)
     stats = Stats()
     if request.empty:

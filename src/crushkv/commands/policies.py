@@ -8,9 +8,7 @@ import dataclasses
 from crushkv.policies import REGISTRY, WRAPPERS, Host
 
 #: keys every host shares: printed once, not per policy
-SHARED_KEYS = (
-    "budget", "sink", "recent", "phase", "interval", "store", "page", "quant", "group", "residual", "tier"
-)
+SHARED_KEYS = ("budget", "sink", "recent", "phase", "interval", "store", "page", "quant", "group", "residual", "tier")
 
 WRAPPER_NOTES = {
     "kvcrush": (

@@ -2,7 +2,8 @@
 
 ``exact_prompt`` fuses the exact H2O prompt pass (logits, softmax, column sums and ``PV`` per cache-resident row
 block, the causal triangle balanced over the intra-op threads); ``paged_attend`` reads decode-time attention straight
-from a ``store=paged`` pool through its block table; ``kvcrush_reps`` is KVCrush's whole token selection (signatures,
+from a ``store=paged`` pool through its block table; ``quant_attend`` reads it from a ``quant=`` store's packed codes
+(dequantizing one slot at a time, never the layer); ``kvcrush_reps`` is KVCrush's whole token selection (signatures,
 anchor, distances, picks) for all stacked layers in one call. Without them ``attention_math`` and the KVCrush policy
 run the same steps as PyTorch ops (the paged store then gathers its pages). The build (~30 s, once per torch
 version) goes to ``<crushkv cache>/kernels/<tag>/``.
@@ -29,7 +30,8 @@ from pathlib import Path
 import torch
 
 SOURCES = tuple(
-    Path(__file__).with_name(name) for name in ("exact_prompt.cpp", "paged_decode.cpp", "kvcrush_select.cpp")
+    Path(__file__).with_name(name)
+    for name in ("exact_prompt.cpp", "paged_decode.cpp", "quant_decode.cpp", "kvcrush_select.cpp")
 )
 #: headers the sources include: part of the build's identity
 HEADERS = (Path(__file__).with_name("softmax.h"),)
@@ -42,6 +44,7 @@ class KernelState:
 
     op: Callable | None = None
     paged: Callable | None = None
+    quant: Callable | None = None
     reps: Callable | None = None
     path: Path | None = None
     error: str | None = None
@@ -152,6 +155,7 @@ def _load_once() -> None:
             torch.ops.load_library(str(_STATE.path))
         _STATE.op = torch.ops.crushkv.exact_prompt
         _STATE.paged = torch.ops.crushkv.paged_attend
+        _STATE.quant = torch.ops.crushkv.quant_attend
         _STATE.reps = torch.ops.crushkv.kvcrush_reps
     except (RuntimeError, OSError) as err:
         _STATE.error = str(err)
@@ -181,6 +185,13 @@ def paged_attend() -> Callable | None:
     return load().paged
 
 
+def quant_attend() -> Callable | None:
+    """``torch.ops.crushkv.quant_attend`` or ``None`` (kernels off, disabled here, or the build failed)."""
+    if _DISABLED:
+        return None
+    return load().quant
+
+
 def kvcrush_reps() -> Callable | None:
     """``torch.ops.crushkv.kvcrush_reps`` or ``None`` (kernels off, disabled here, or the build failed)."""
     if _DISABLED:
@@ -194,7 +205,9 @@ def describe() -> str:
         return "off (crushkv.kernels.disabled())"
     state = load()
     return (
-        f"exact_prompt, paged_attend, kvcrush_reps ({state.path})" if state.op is not None else f"off ({state.error})"
+        f"exact_prompt, paged_attend, quant_attend, kvcrush_reps ({state.path})"
+        if state.op is not None
+        else f"off ({state.error})"
     )
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from crushkv.stores.base import KVStore, Pages, grown
+from crushkv.stores.base import KVStore, Pages, QuantSlots, grown
 from crushkv.stores.dense import DenseStore
 from crushkv.stores.paged import BlockPool, PagedStore
 from crushkv.stores.quant import QuantScratch, QuantStore
@@ -19,6 +19,7 @@ __all__ = [
     "PagedStore",
     "Pages",
     "QuantScratch",
+    "QuantSlots",
     "QuantStore",
     "grown",
 ]

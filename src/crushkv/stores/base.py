@@ -22,6 +22,23 @@ class Pages(NamedTuple):
     table: torch.Tensor
 
 
+class QuantSlots(NamedTuple):
+    """A ``quant=`` store's slots as they are held (what ``quant_attend`` reads in place; ``stores/quant.py`` says
+    what each tensor is): packed codes, ranges, ``where`` and the full-precision residual FIFO."""
+
+    key_codes: torch.Tensor
+    key_scale: torch.Tensor
+    key_zero: torch.Tensor
+    where: torch.Tensor
+    value_codes: torch.Tensor
+    value_scale: torch.Tensor
+    value_zero: torch.Tensor
+    fp_keys: torch.Tensor
+    fp_values: torch.Tensor
+    bits: int
+    value_size: int
+
+
 @runtime_checkable
 class KVStore(Protocol):
     """Slot storage of one layer. ``rows``/``slots`` are ``[B, H, q]`` indices; flat ``row`` = ``b * H + h``."""
@@ -54,8 +71,9 @@ class KVStore(Protocol):
         """Slots ``0..n-1`` of every row as ``[B, H, n, d]`` keys and values (a view where the layout allows;
         ``scratch``: a store that copies may reuse one buffer, valid until the next scratch call)."""
 
-    def page_view(self, n: int) -> Pages:
-        """The pages holding slots ``0..n-1`` of every row (no copy)."""
+    def page_view(self, n: int) -> Pages | QuantSlots:
+        """What a decode kernel reads in place for slots ``0..n-1`` of every row (no copy): the pages holding
+        them, or a quantized store's packed slots."""
 
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension function (beam reorder, repeat, select) to every row."""

@@ -22,9 +22,10 @@ exactly what they read before. A FIFO entry whose slot was freed or rewritten is
 dropped when its group is quantized. Group rows nobody uses are reused by the next group and compacted away by
 ``fit`` (after a cut).
 
-Attention reads ``dense(n, scratch=True)``: the first ``n`` slots dequantized into one buffer shared by the
-cache's layers (one layer's worth), the residual overlaid at full precision; ``page_view`` hands the same buffer to
-the compiled kernel as one page per row.
+Decode attention reads the packed slots in place (``page_view``, the compiled ``quant_attend``: each slot dequantized
+where it is used, never the layer). Otherwise attention reads ``dense(n, scratch=True)``: the first ``n`` slots
+dequantized into one buffer shared by the cache's layers (one layer's worth), the residual overlaid at full
+precision.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from crushkv import quant
-from crushkv.stores.base import Pages, grown
+from crushkv.stores.base import QuantSlots, grown
 
 #: ``where`` of a slot holding nothing (free, evicted or padding slots that were released)
 EMPTY = torch.iinfo(torch.int16).min
@@ -321,11 +322,21 @@ class QuantStore:
             return keys, values
         return keys.clone(), values.clone()  # the caller keeps them past the next layer's attention
 
-    def page_view(self, n: int) -> Pages:
-        keys, values = self._dequantized(n)
-        b, h = keys.shape[:2]
-        table = torch.arange(b * h, device=keys.device).view(b * h, 1)
-        return Pages(keys.view(b * h, n + 1, -1), values.view(b * h, n + 1, -1), table)
+    def page_view(self, n: int) -> QuantSlots:
+        """The packed slots in place (``quant_attend`` dequantizes one slot at a time where it reads it)."""
+        return QuantSlots(
+            self.key_codes,
+            self.key_scale,
+            self.key_zero,
+            self.where,
+            self.value_codes,
+            self.value_scale,
+            self.value_zero,
+            self.fp_keys,
+            self.fp_values,
+            self.bits,
+            self.value_size,
+        )
 
     def map_batch(self, fn) -> None:
         for name in self._tensors():
