@@ -44,7 +44,7 @@ def report():
 def test_report_names_the_cpu_kernels(report):
     from crushkv import kernels
 
-    want = "exact_prompt, paged_attend, kvcrush_reps (" if kernels.load().op is not None else "off ("
+    want = "exact_prompt, paged_attend, quant_attend, kvcrush_reps (" if kernels.load().op is not None else "off ("
     assert report["meta"]["cpu_kernels"].startswith(want)
 
 

@@ -161,7 +161,7 @@ def test_cli_reports_the_kernel(capsys: pytest.CaptureFixture, monkeypatch: pyte
     from crushkv.cli import main
 
     assert main(["kernels", "--check"]) == 0
-    assert "kernels: exact_prompt, paged_attend, kvcrush_reps (" in capsys.readouterr().out
+    assert "kernels: exact_prompt, paged_attend, quant_attend, kvcrush_reps (" in capsys.readouterr().out
     monkeypatch.setenv("CRUSHKV_KERNELS", "never")
     assert main(["kernels"]) == 2
     assert "CRUSHKV_KERNELS='never'" in capsys.readouterr().err

@@ -1,10 +1,10 @@
 """Decode speed and bytes of quantized slots against the unquantized store and transformers' ``QuantizedCache``.
 
-    python -m crushkv.bench.quant_speed --model smollm2-135m --lengths 4096 8192 --new-tokens 32 --out quant.json
+    python -m crushkv.bench.quant_speed --model smollm2-135m --lengths 4096 8000 --new-tokens 32 --out quant.json
 
-Rows: ``full`` (unquantized dense store), ``full:quant=int4`` (KIVI-4), ``snapkv:budget=0.5,quant=int4`` (eviction +
-KIVI) and transformers' ``QuantizedCache`` (quanto backend, 4 bits, the same group and residual; needs
-``pip install optimum-quanto``, else the row says why it is missing). Every row decodes greedily from the same
+Rows: ``full`` (unquantized dense store), ``full:quant=int8|int4|int2`` (KIVI), ``snapkv:budget=0.5,quant=int4``
+(eviction + KIVI) and transformers' ``QuantizedCache`` (quanto backend, 4 bits, the same group and residual; needs
+``pip install -e ".[quanto]"``, else the row says why it is missing). Every row decodes greedily from the same
 random prompt (batch 1, seeded), timed as ``crushkv.bench.timing`` does: prefill = one forward over the prompt,
 decode = the following steps together.
 """
@@ -20,7 +20,7 @@ import torch
 from crushkv.api import cache_kwargs
 from crushkv.bench.timing import timed_generation
 
-SPECS = ("full", "full:quant=int4", "snapkv:budget=0.5,quant=int4")
+SPECS = ("full", "full:quant=int8", "full:quant=int4", "full:quant=int2", "snapkv:budget=0.5,quant=int4")
 
 
 def _tensor_nbytes(t) -> int:
@@ -117,7 +117,7 @@ def _table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="smollm2-135m", help="catalog name, local path or hub id")
-    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8192])
+    parser.add_argument("--lengths", type=int, nargs="+", default=[4096, 8000])
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--group", type=int, default=32)
     parser.add_argument("--residual", type=int, default=128)

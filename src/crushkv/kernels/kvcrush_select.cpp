@@ -14,6 +14,7 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <bit>
 #include <cmath>
 #include <cstdint>
@@ -21,52 +22,87 @@
 #include <limits>
 #include <vector>
 
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
 namespace {
 
 constexpr int64_t kBucket = 0, kOvg = 1, kLinspace = 2;
 
+#if defined(__AVX2__)
+// Lane indices that move the lanes set in an 8-bit mask to the front (a compress-store on AVX2).
+struct CompressTable {
+  alignas(32) int32_t lanes[256][8];
+  CompressTable() {
+    for (int mask = 0; mask < 256; ++mask) {
+      int k = 0;
+      for (int i = 0; i < 8; ++i) {
+        if ((mask >> i) & 1) lanes[mask][k++] = i;
+      }
+      for (; k < 8; ++k) lanes[mask][k] = 0;
+    }
+  }
+};
+const CompressTable kCompress;
+#endif
+
+// Appends the values of src[0, size) in [lower, upper] to dst (which has room for size) and returns how many;
+// *above counts those > upper. Branch-free: a compress-store of 8 lanes at a time where AVX2 is there.
+int64_t partition_inside(const float* src, int64_t size, float lower, float upper, float* dst, int64_t* above) {
+  int64_t over = 0, kept = 0, i = 0;
+#if defined(__AVX2__)
+  const __m256 lo = _mm256_set1_ps(lower), up = _mm256_set1_ps(upper);
+  for (; i + 8 <= size; i += 8) {
+    const __m256 v = _mm256_loadu_ps(src + i);
+    const __m256 gt = _mm256_cmp_ps(v, up, _CMP_GT_OQ);
+    const int in = _mm256_movemask_ps(_mm256_andnot_ps(gt, _mm256_cmp_ps(v, lo, _CMP_GE_OQ)));
+    over += std::popcount(static_cast<unsigned>(_mm256_movemask_ps(gt)));
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kCompress.lanes[in]));
+    _mm256_storeu_ps(dst + kept, _mm256_permutevar8x32_ps(v, lanes));  // kept + 8 <= i + 8 <= size
+    kept += std::popcount(static_cast<unsigned>(in));
+  }
+#endif
+  for (; i < size; ++i) {
+    const float v = src[i];
+    over += v > upper;
+    dst[kept] = v;
+    kept += (v >= lower) & (v <= upper);
+  }
+  *above = over;
+  return kept;
+}
+
 // r-th largest (0-based, r < size) of buf[0, size); buf and tmp are scratch of `size` floats. Sampled selection
 // (Floyd-Rivest style): 16 evenly spaced values bracket the target rank, one branch-free pass counts the values
-// above the bracket and moves those inside it (about a quarter) to tmp, and the search goes on there; when the
+// above the bracket and moves those inside it (about a third) to tmp, and the search goes on there; when the
 // bracket misses, a second pass keeps the side that holds the rank. Exact whatever the sample; about 1.3 passes over
 // the row where introselect (std::nth_element, kthvalue) makes several with unpredictable branches.
 float select_desc(float* buf, float* tmp, int64_t size, int64_t r) {
   constexpr int64_t kSample = 16, kDelta = 2;
   const float inf = std::numeric_limits<float>::infinity();
   while (size > 4 * kSample) {
-    float sample[kSample];
+    float sample[kSample], ranked[kSample];
     for (int64_t i = 0; i < kSample; ++i) sample[i] = buf[(2 * i + 1) * size / (2 * kSample)];
+    for (int64_t i = 0; i < kSample; ++i) {  // the sample sorted descending, ties by index: a branch-free rank sort
+      int32_t rank = 0;
+      for (int64_t j = 0; j < kSample; ++j) rank += (sample[j] > sample[i]) | ((sample[j] == sample[i]) & (j < i));
+      ranked[rank] = sample[i];
+    }
     const int64_t q = r * kSample / size;
-    float upper = inf, lower = -inf;
-    if (q - kDelta >= 0) {
-      std::nth_element(sample, sample + (q - kDelta), sample + kSample, std::greater<float>());
-      upper = sample[q - kDelta];
-    }
-    if (q + kDelta < kSample) {
-      std::nth_element(sample, sample + (q + kDelta), sample + kSample, std::greater<float>());
-      lower = sample[q + kDelta];
-    }
-    int64_t above = 0, inside = 0;
-    for (int64_t i = 0; i < size; ++i) {  // values in [lower, upper] are appended, the others overwritten
-      const float v = buf[i];
-      above += v > upper;
-      tmp[inside] = v;
-      inside += (v >= lower) & (v <= upper);
-    }
-    int64_t kept = 0;
-    if (r < above) {
-      for (int64_t i = 0; i < size; ++i) {
-        tmp[kept] = buf[i];
-        kept += buf[i] > upper;
-      }
+    const float upper = q - kDelta >= 0 ? ranked[q - kDelta] : inf;
+    const float lower = q + kDelta < kSample ? ranked[q + kDelta] : -inf;
+    int64_t above = 0;
+    const int64_t inside = partition_inside(buf, size, lower, upper, tmp, &above);
+    int64_t kept = inside;
+    if (r < above) {  // the bracket missed: keep the side that holds the rank
+      int64_t ignored = 0;
+      kept = partition_inside(buf, size, std::nextafter(upper, inf), inf, tmp, &ignored);
     } else if (r >= above + inside) {
-      for (int64_t i = 0; i < size; ++i) {
-        tmp[kept] = buf[i];
-        kept += buf[i] < lower;
-      }
+      int64_t ignored = 0;
+      kept = partition_inside(buf, size, -inf, std::nextafter(lower, -inf), tmp, &ignored);
       r -= above + inside;
     } else {
-      kept = inside;
       r -= above;
     }
     if (kept == size) break;  // the sample did not split the values (many equal ones): select directly
@@ -153,11 +189,13 @@ void pick_row(const Rows& rows, int64_t b, int64_t hrow, const int32_t* dist, in
   const uint8_t* region = rows.region_row(b, hrow);
   auto key = [&](int64_t j) { return rows.key(b, hrow, j); };
   auto by_key = [&](int64_t x, int64_t y) { return key(x) < key(y); };
-  cand.clear();
-  for (int64_t j = 0; j < n; ++j) {
-    if (region[j] && !host[j]) cand.push_back(j);
+  cand.resize(n);
+  int64_t m = 0;
+  for (int64_t j = 0; j < n; ++j) {  // branch-free: region and host bits are as good as random
+    cand[m] = j;
+    m += region[j] & !host[j];
   }
-  const auto m = static_cast<int64_t>(cand.size());
+  cand.resize(m);
   if (m == k + 1 && rule != kLinspace) {  // steady decoding: buckets of one, drop the last in (distance, order)
     int64_t drop = cand[0];
     for (int64_t j : cand) {
@@ -206,20 +244,25 @@ void distances_and_picks(const Rows& rows, int64_t b, int64_t hr, int64_t nsig, 
                          std::vector<uint64_t>& words, std::vector<int32_t>& dist, std::vector<int64_t>& cand,
                          std::vector<int64_t>& sorted, std::vector<int64_t>& rest) {
   const int64_t n = rows.n;
+  // Slots outside the region read and write position 0 with no bits (branch-free; their positions may be anything).
+  auto at = [](const uint8_t* region, const int64_t* pos, int64_t j) { return region[j] ? pos[j] : 0; };
   if (hr > 1) {
     for (int64_t r = 0; r < hr; ++r) {
       const uint8_t* region = rows.region_row(b, r);
       const int64_t* pos = rows.position_row(b, r);
-      for (int64_t j = 0; j < n; ++j) {
-        if (region[j]) by_position[pos[j]] |= own[r * n + j];
-      }
+      const uint64_t* bits = own + r * n;
+      for (int64_t j = 0; j < n; ++j) by_position[at(region, pos, j)] |= region[j] ? bits[j] : 0;
     }
   }
   for (int64_t r = 0; r < hr; ++r) {
     const uint8_t* region = rows.region_row(b, r);
     const int64_t* pos = rows.position_row(b, r);
     words.resize(n);
-    for (int64_t j = 0; j < n; ++j) words[j] = region[j] ? (hr > 1 ? by_position[pos[j]] : own[j]) : 0;
+    if (hr > 1) {
+      for (int64_t j = 0; j < n; ++j) words[j] = region[j] ? by_position[at(region, pos, j)] : 0;
+    } else {
+      for (int64_t j = 0; j < n; ++j) words[j] = region[j] ? own[j] : 0;
+    }
     uint64_t anchor_bits = 0;
     if (anchor == nullptr) {  // "mean": strictly more than half of the row's region tokens have the bit
       int64_t count = 0;
@@ -242,9 +285,7 @@ void distances_and_picks(const Rows& rows, int64_t b, int64_t hr, int64_t nsig, 
     for (int64_t r = 0; r < hr; ++r) {
       const uint8_t* region = rows.region_row(b, r);
       const int64_t* pos = rows.position_row(b, r);
-      for (int64_t j = 0; j < n; ++j) {
-        if (region[j]) by_position[pos[j]] = 0;
-      }
+      for (int64_t j = 0; j < n; ++j) by_position[at(region, pos, j)] = 0;
     }
   }
 }
@@ -308,20 +349,27 @@ at::Tensor kvcrush_reps(const at::Tensor& scores, const at::Tensor& valid, const
             h,
             std::vector<uint8_t>(static_cast<size_t>(b * h * n))};
   const int64_t hr = signature_rows, per_row = nsig / hr;
-  bool bad_position = false;
-  for (int64_t bi = 0; bi < b; ++bi) {
-    for (int64_t row = 0; row < h; ++row) {
-      const bool* v = rows.valid + bi * rows.vs0 + row * rows.vs1;
-      const int64_t* pos = rows.position_row(bi, row);
-      uint8_t* region = rows.region.data() + (bi * h + row) * n;
-      const int64_t first = rows.start[bi] + sink, last = seen - recent;
-      for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = pos[j];
-        region[j] = v[j] && !((sink > 0 && p < first) || (recent > 0 && p >= last));
-        bad_position |= hr > 1 && region[j] && (p < 0 || p >= seen);  // read by position below
+  std::atomic<bool> bad_position{false};
+  at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
+    bool bad = false;
+    for (int64_t bi = begin; bi < end; ++bi) {
+      // branch-free over the slots: a sink or recent window of size 0 puts its bound out of reach
+      const int64_t first = sink > 0 ? rows.start[bi] + sink : std::numeric_limits<int64_t>::min();
+      const int64_t last = recent > 0 ? seen - recent : std::numeric_limits<int64_t>::max();
+      for (int64_t row = 0; row < h; ++row) {
+        const bool* v = rows.valid + bi * rows.vs0 + row * rows.vs1;
+        const int64_t* pos = rows.position_row(bi, row);
+        uint8_t* region = rows.region.data() + (bi * h + row) * n;
+        for (int64_t j = 0; j < n; ++j) {
+          const int64_t p = pos[j];
+          const bool in = v[j] & (p >= first) & (p < last);
+          region[j] = in;
+          bad |= in & ((p < 0) | (p >= seen));  // read by position below when hr > 1
+        }
       }
     }
-  }
+    if (bad && hr > 1) bad_position = true;
+  });
   TORCH_CHECK(!bad_position, "crushkv.kvcrush_reps: a region slot's position is outside [0, seen)");
 
   std::vector<uint64_t> sig(static_cast<size_t>(b * hr * n));
@@ -336,7 +384,7 @@ at::Tensor kvcrush_reps(const at::Tensor& scores, const at::Tensor& valid, const
   const bool* anchor_p = mean ? nullptr : anchor_c.data_ptr<bool>();
   bool* out_p = out.data_ptr<bool>();
   at::parallel_for(0, b, 1, [&](int64_t begin, int64_t end) {
-    std::vector<uint64_t> by_position(hr > 1 ? seen : 0), words;
+    std::vector<uint64_t> by_position(hr > 1 ? std::max<int64_t>(seen, 1) : 0), words;
     std::vector<int32_t> dist(n);
     std::vector<int64_t> cand, sorted, rest;
     for (int64_t bi = begin; bi < end; ++bi) {
