@@ -207,6 +207,16 @@ def test_concurrent_first_loads_register_once(tmp_path, compiled_kernel) -> None
     assert done.stderr.count("compiling the fused CPU kernel") == 1, done.stderr[-2000:]
 
 
+def _assert_same_attention(got_out, got, want_out, want) -> None:
+    """Kernel and op path agree on the output and on every statistic either returns."""
+    torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
+    for name in ("colsum", "count", "last"):
+        a, e = getattr(got, name), getattr(want, name)
+        assert (a is None) == (e is None), name
+        if a is not None:
+            torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("store", ["dense", "paged"])
 @pytest.mark.parametrize(
     ("hk", "g", "q", "n", "dv", "per_head"),
@@ -239,12 +249,7 @@ def test_paged_kernel_matches_the_op_path(store, hk, g, q, n, dv, per_head, comp
         with kernels.disabled():
             assert am.paged_attend(query, kv.page_view(n), n, vis, row_valid, 0.3, request) is None
         want_out, want = am.attend(query, *kv.dense(n), vis, row_valid, 0.3, request)
-        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
-        for name in ("colsum", "count", "last"):
-            a, e = getattr(got, name), getattr(want, name)
-            assert (a is None) == (e is None), name
-            if a is not None:
-                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+        _assert_same_attention(got_out, got, want_out, want)
 
 
 def test_paged_kernel_rejects_bad_input(compiled_kernel) -> None:
@@ -292,12 +297,7 @@ def test_quant_kernel_matches_attention_over_the_dequantized_slots(bits, g, q, d
     for request in (StatsRequest(rows=ALL_ROWS, last=True, count=True), StatsRequest()):
         got_out, got = am.paged_attend(query, store.page_view(n), n, vis, row_valid, 0.3, request)
         want_out, want = am.attend(query, *store.dense(n), vis, row_valid, 0.3, request)
-        torch.testing.assert_close(got_out, want_out, atol=1e-5, rtol=1e-5)
-        for name in ("colsum", "count", "last"):
-            a, e = getattr(got, name), getattr(want, name)
-            assert (a is None) == (e is None), name
-            if a is not None:
-                torch.testing.assert_close(a, e, atol=1e-5, rtol=1e-5)
+        _assert_same_attention(got_out, got, want_out, want)
     with kernels.disabled():
         assert am.paged_attend(query, store.page_view(n), n, vis, row_valid, 0.3, StatsRequest()) is None
 

@@ -34,7 +34,7 @@ SOURCES = tuple(
     for name in ("exact_prompt.cpp", "paged_decode.cpp", "quant_decode.cpp", "kvcrush_select.cpp")
 )
 #: headers the sources include: part of the build's identity
-HEADERS = (Path(__file__).with_name("softmax.h"),)
+HEADERS = (Path(__file__).with_name("vec_math.h"),)
 MODES = ("auto", "off", "require")
 
 

@@ -11,7 +11,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "softmax.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <atomic>

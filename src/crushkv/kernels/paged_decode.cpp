@@ -9,7 +9,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "softmax.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <cmath>
@@ -20,25 +20,9 @@
 
 namespace {
 
+using crushkv::axpy;
+using crushkv::dot;
 using Vec = at::vec::Vectorized<float>;
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  const int64_t n = Vec::size();
-  Vec acc(0.0f);
-  int64_t j = 0;
-  for (; j + n <= d; j += n) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < d; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-inline void axpy(float* out, const float* x, float w, int64_t d) {
-  const int64_t n = Vec::size();
-  const Vec vw(w);
-  int64_t j = 0;
-  for (; j + n <= d; j += n) at::vec::fmadd(vw, Vec::loadu(x + j), Vec::loadu(out + j)).store(out + j);
-  for (; j < d; ++j) out[j] += w * x[j];
-}
 
 // Softmax of row[0, len) in place (masked entries are -inf and become 0).
 inline void softmax(float* row, int64_t len) {

@@ -13,7 +13,7 @@
 #include <ATen/cpu/vec/vec.h>
 #include <torch/library.h>
 
-#include "softmax.h"
+#include "vec_math.h"
 
 #include <algorithm>
 #include <atomic>
@@ -30,6 +30,8 @@
 
 namespace {
 
+using crushkv::axpy;
+using crushkv::dot;
 using Vec = at::vec::Vectorized<float>;
 constexpr int16_t kEmpty = std::numeric_limits<int16_t>::min();
 
@@ -93,24 +95,6 @@ inline void dequantize_grouped(float* codes, const float* scale, const float* ze
     return;
   }
   for (int64_t j = 0; j < d; ++j) codes[j] = std::fma(codes[j], scale[j / size], zero[j / size]);
-}
-
-inline float dot(const float* a, const float* b, int64_t d) {
-  const int64_t n = Vec::size();
-  Vec acc(0.0f);
-  int64_t j = 0;
-  for (; j + n <= d; j += n) acc = at::vec::fmadd(Vec::loadu(a + j), Vec::loadu(b + j), acc);
-  float sum = at::vec::vec_reduce_all<float>([](Vec& x, Vec& y) { return x + y; }, acc);
-  for (; j < d; ++j) sum += a[j] * b[j];
-  return sum;
-}
-
-inline void axpy(float* out, const float* x, float w, int64_t d) {
-  const int64_t n = Vec::size();
-  const Vec vw(w);
-  int64_t j = 0;
-  for (; j + n <= d; j += n) at::vec::fmadd(vw, Vec::loadu(x + j), Vec::loadu(out + j)).store(out + j);
-  for (; j < d; ++j) out[j] += w * x[j];
 }
 
 void check(const at::Tensor& t, at::ScalarType dtype, int64_t dim, const char* name) {
