@@ -230,7 +230,7 @@ def test_the_4k_target_names_the_length_it_is_checked_at(report):
 
 def test_quant_speed_rows_on_a_tiny_model():
     """The quantized-slots benchmark runs every row on the same prompt (the peer row says why when quanto is not
-    installed); with a residual over the length, KIVI-4 decodes exactly the unquantized tokens."""
+    installed); with a residual over the length, KIVI at 8, 4 and 2 bits decodes exactly the unquantized tokens."""
     from conftest import tiny_llama
     from crushkv.bench import quant_speed
 
@@ -238,7 +238,12 @@ def test_quant_speed_rows_on_a_tiny_model():
     model = tiny_llama().eval()
     rows = quant_speed.run(model, [40], new_tokens=4, group=4, residual=64)
     names = [r["policy"].split(":")[0].split("(")[0] for r in rows]
-    assert names == ["full", "full", "snapkv", "transformers QuantizedCache"]
-    full, kivi = rows[0], rows[1]
-    assert kivi["output_ids"] == full["output_ids"] and "quant=int4" in kivi["policy"]
-    assert "missing" in rows[3] or len(rows[3]["output_ids"]) == 4
+    assert names == ["full", "full", "full", "full", "snapkv", "transformers QuantizedCache"]
+    full, kivi = rows[0], rows[1:4]
+    assert [next(p for p in ("int8", "int4", "int2") if f"quant={p}" in r["policy"]) for r in kivi] == [
+        "int8",
+        "int4",
+        "int2",
+    ]
+    assert all(r["output_ids"] == full["output_ids"] for r in kivi)
+    assert "missing" in rows[5] or len(rows[5]["output_ids"]) == 4
