@@ -22,16 +22,8 @@ namespace {
 
 using crushkv::axpy;
 using crushkv::dot;
+using crushkv::softmax;
 using Vec = at::vec::Vectorized<float>;
-
-// Softmax of row[0, len) in place (masked entries are -inf and become 0).
-inline void softmax(float* row, int64_t len) {
-  const int64_t n = Vec::size();
-  const float inv = 1.0f / crushkv::exp_shifted_sum(row, len);
-  int64_t j = 0;
-  for (; j + n <= len; j += n) (Vec::loadu(row + j) * Vec(inv)).store(row + j);
-  for (; j < len; ++j) row[j] *= inv;
-}
 
 // rows [B, Hk, R, d] (R = G * q, row r = g * q + i), pool_keys [P, page, d], pool_values [P, page, dv],
 // table [B * Hk, W] page ids, visible [B, Hv, q, n] (Hv = 1 or Hk), all contiguous, fp32 / int64 / bool.

@@ -32,6 +32,7 @@ namespace {
 
 using crushkv::axpy;
 using crushkv::dot;
+using crushkv::softmax;
 using Vec = at::vec::Vectorized<float>;
 constexpr int16_t kEmpty = std::numeric_limits<int16_t>::min();
 
@@ -200,11 +201,7 @@ std::tuple<at::Tensor, at::Tensor> quant_attend(const at::Tensor& rows, const at
           logits[row * n + s] = mask[(row % q) * n + s] ? dot(qh + row * d, k, d) * fscale : neg;
         }
       }
-      for (int64_t row = 0; row < r; ++row) {
-        float* lr = logits + row * n;
-        const float inv = 1.0f / crushkv::exp_shifted_sum(lr, n);
-        for (int64_t s = 0; s < n; ++s) lr[s] *= inv;
-      }
+      for (int64_t row = 0; row < r; ++row) softmax(logits + row * n, n);
       float* oh = op + task * r * dv;
       for (int64_t s = 0; s < n; ++s) {
         bool any = false;

@@ -57,4 +57,14 @@ inline float exp_shifted_sum(float* row, int64_t len) {
   return sum;
 }
 
+// Softmax of row[0, len) in place (masked entries are -inf and become 0).
+inline void softmax(float* row, int64_t len) {
+  using Vec = at::vec::Vectorized<float>;
+  const int64_t n = Vec::size();
+  const float inv = 1.0f / exp_shifted_sum(row, len);
+  int64_t j = 0;
+  for (; j + n <= len; j += n) (Vec::loadu(row + j) * Vec(inv)).store(row + j);
+  for (; j < len; ++j) row[j] *= inv;
+}
+
 }  // namespace crushkv
