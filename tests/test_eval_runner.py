@@ -155,8 +155,13 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     assert "Paired comparisons (tiny" in text
     assert "| KVCrush 16-48 (mean) | H2O 64-0 | acc | 2 |" in text and "| H2O 128-0 | Full | acc | 2 |" in text
     assert "| KVCrush 16-48 (mean) | H2O 128-0 |" not in text
+    # accuracy per byte: every compressed run's 16-bit bytes over the full run's, on the same examples
+    assert "Accuracy per byte (tiny" in text
+    per_byte = text.split("Accuracy per byte (tiny")[1].split("Paired comparisons")[0]
+    rows = {line.split(" | ")[0][2:]: line.split(" | ")[1:] for line in per_byte.splitlines() if line.startswith("| ")}
+    assert float(rows["H2O 64-0"][0]) < 50 < float(rows["H2O 128-0"][0]) < 100 == float(rows["Full"][0])
     pngs = list((tmp_path / "figures").glob("*.png"))
-    assert len(pngs) == 6  # 1 accuracy-vs-budget plot + 5 heatmaps
+    assert len(pngs) == 7  # 1 accuracy-vs-budget plot + 1 accuracy-per-byte plot + 5 heatmaps
     assert all(p.stat().st_size > 1000 for p in pngs)
     from PIL import Image
 
@@ -186,7 +191,7 @@ def test_sweep_then_report(tmp_path: Path) -> None:
     )
     assert main(["report", str(tmp_path)]) == 0
     text = (tmp_path / "report.md").read_text()
-    common = text.split("Same examples for every run (tiny")[1].split("Paired comparisons")[0]
+    common = text.split("Same examples for every run (tiny")[1].split("Accuracy per byte")[0]
     assert "| Full | " in common and all(line.endswith(" | 2 |") for line in common.splitlines() if "| KVCrush" in line)
     assert "| Full | " in common and "| 2 |" in common.split("| Full | ")[1].splitlines()[0]
 
@@ -290,3 +295,30 @@ def test_budget_plot_x_axis_is_kept_tokens() -> None:
     lines, full = budget_points("niah", runs)
     assert full == pytest.approx(90.0)
     assert lines == {"SnapKV": [(70.0, 40.0), (125.0, 50.0), (256.0, 60.0)]}
+
+
+def test_pareto_front_and_byte_points(tmp_path: Path) -> None:
+    from crushkv.eval import report
+
+    points = [("a", 0.25, 50.0, 4), ("b", 0.5, 40.0, 4), ("c", 0.5, 60.0, 4), ("d", 1.0, 60.0, 4), ("e", 0.1, 10.0, 4)]
+    assert report.pareto(points) == {"e", "a", "c"}  # b is beaten by c, d by c (same score, more bytes)
+    runs = []
+    for spec, per_example in (
+        ("full", [(1000, 1.0), (2000, 0.5)]),
+        ("snapkv:budget=0.25", [(250, 1.0), (600, 0.0)]),
+        ("full:quant=int4", [(300, 1.0), (500, 1.0)]),
+    ):
+        stem = f"ruler__tiny__{spec.replace(':', '_')}__question-agnostic"
+        rec = tmp_path / f"{stem}{results.RECORDS_SUFFIX}"
+        rec.write_text(
+            "".join(
+                json.dumps({"id": f"x{i}", "score": s, "cache_bytes_16": b}) + "\n"
+                for i, (b, s) in enumerate(per_example)
+            )
+        )
+        summary = tmp_path / f"{stem}{results.SUMMARY_SUFFIX}"
+        runs.append((summary, {"policy": spec, "records": rec.name, "primary_metric": "score"}))
+    got = {label: (share, score) for label, share, score, _ in report.byte_points(runs)}
+    assert got["SnapKV 25%"] == pytest.approx((0.275, 50.0))  # (250/1000 + 600/2000) / 2
+    assert got["Full · int4"] == pytest.approx((0.275, 100.0))
+    assert report.pareto(report.byte_points(runs)) == {"Full · int4"}

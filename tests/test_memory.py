@@ -259,3 +259,36 @@ def test_the_tier_holds_every_evicted_token_at_its_formula(arch_model, spec):
             token = out.logits[:, -1:].argmax(-1)
             check()
     assert cache.nbytes() < cache.full_nbytes()
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        "full",
+        f"h2o:budget={BUDGET},recent=8",
+        f"h2o:budget={BUDGET},recent=8,store=paged,page=8",
+        "full:quant=int4,residual=32",
+        f"snapkv:budget={BUDGET},window=8,quant=int2,residual=32",
+        f"snapkv:budget={BUDGET},window=8,tier=int2",
+    ],
+)
+def test_bytes_at_16_bits_are_what_a_16_bit_run_holds(spec):
+    """``nbytes(float_bytes=2)`` of an fp32 run (how accuracy-per-byte points are reported) equals ``nbytes()`` of
+    the same run in bfloat16: floats at 2 bytes, codes and tables as they are."""
+    from conftest import tiny_llama
+
+    torch.manual_seed(0)
+    fp32 = tiny_llama().eval()
+    bf16 = tiny_llama().eval().to(torch.bfloat16)
+    bf16.load_state_dict({k: v.to(torch.bfloat16) for k, v in fp32.state_dict().items()})
+    ids = torch.randint(1, 90, (2, PROMPT), generator=torch.Generator().manual_seed(0))
+    held = []
+    for model in (fp32, bf16):
+        with torch.no_grad(), crushkv.compress(model, spec) as cache:
+            out = model(ids, **crushkv.cache_kwargs(model, cache))
+            for _ in range(5):
+                out = model(out.logits[:, -1:].argmax(-1), **crushkv.cache_kwargs(model, cache))
+            held.append((cache.nbytes(), cache.nbytes(float_bytes=2)))
+    (fp32_bytes, fp32_at_16), (bf16_bytes, bf16_at_16) = held
+    assert fp32_at_16 == bf16_bytes == bf16_at_16
+    assert fp32_bytes > fp32_at_16

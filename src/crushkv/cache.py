@@ -26,6 +26,7 @@ from crushkv.profiling import PROFILER
 from crushkv.quant import BITS
 from crushkv.stats import StatsRequest
 from crushkv.stores import BlockPool, DenseStore, KVStore, PagedStore, QuantScratch, QuantStore
+from crushkv.stores.base import storage_nbytes
 
 FULL_TYPES = ("full_attention",)
 SLIDING_TYPES = ("sliding_attention",)
@@ -310,16 +311,17 @@ class CrushCache(Cache):
                 out.append(0 if not layer.is_initialized else layer.keys.shape[-2])
         return out
 
-    def nbytes(self) -> int:
+    def nbytes(self, float_bytes: int | None = None) -> int:
         """Bytes of key/value storage held: every store's own (a paged store counts its pages in use and its
-        block table) plus the sliding-window layers' tensors."""
+        block table) plus the sliding-window layers' tensors. ``float_bytes=2``: the same storage with its
+        floating-point tensors at 16 bits (``stores.base.storage_nbytes``)."""
         total = 0
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
-                total += 0 if layer.store is None else layer.store.nbytes()
-                total += 0 if layer.tier is None else layer.tier.nbytes()
+                total += 0 if layer.store is None else layer.store.nbytes(float_bytes)
+                total += 0 if layer.tier is None else layer.tier.nbytes(float_bytes)
             elif layer.is_initialized:
-                total += sum(t.untyped_storage().nbytes() for t in (layer.keys, layer.values))
+                total += sum(storage_nbytes(t, float_bytes) for t in (layer.keys, layer.values))
         return total
 
     def reserved_nbytes(self) -> int:

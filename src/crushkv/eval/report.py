@@ -61,6 +61,21 @@ def policy_label(spec: str) -> tuple[str, float | None, str]:
         wrappers.append(policy)
         policy = policy.host
     host_name = DISPLAY.get(policy.name, policy.name)
+    family, budget, label = _label(policy, wrappers, host_name)
+    precision = _precision(policy)
+    return (family + precision, budget, label + precision) if precision else (family, budget, label)
+
+
+def _precision(policy: Any) -> str:
+    """`` · int4`` / `` · tier=int2``: what a quantized store or a low-precision tier adds to a label (a quantized
+    run is another point than the same budget at full precision)."""
+    parts = [policy.quant] if getattr(policy, "quant", "none") != "none" else []
+    if getattr(policy, "tier", "drop") != "drop":
+        parts.append(f"tier={policy.tier}")
+    return "".join(f" · {p}" for p in parts)
+
+
+def _label(policy: Any, wrappers: list[Any], host_name: str) -> tuple[str, float | None, str]:
     if not policy.compresses:
         return host_name, None, host_name
     budget = policy.budget
@@ -69,7 +84,7 @@ def policy_label(spec: str) -> tuple[str, float | None, str]:
     crush = next((w for w in wrappers if isinstance(w, KVCrush)), None)
     if crush is None:
         if isinstance(budget, float):
-            return base, budget, f"{base} {budget:.0%}"
+            return base, budget, f"{base} {budget * 100:g}%"
         return base, budget, f"{base} {budget}-0"
     family = ("KVCrush" if policy.name == "h2o" and not ada else f"{base}+KVCrush") + f" ({crush.anchor})"
     short = family.split(" (")[0]
@@ -77,7 +92,9 @@ def policy_label(spec: str) -> tuple[str, float | None, str]:
         cl = crush.crush_tokens(budget)
         hh = budget if crush.additive else budget - cl
         return family, float(hh + cl), f"{short} {hh}-{cl} ({crush.anchor})"
-    return family, budget, f"{short} {budget} crush={crush.crush} ({crush.anchor})"
+    # ratio budgets: the crush share is part of the family (a sweep compares several shares on one host)
+    family = f"{short} crush={crush.crush} ({crush.anchor})"
+    return family, budget, f"{short} {budget * 100:g}% crush={crush.crush} ({crush.anchor})"
 
 
 def _disambiguate(specs: list[str]) -> dict[str, str]:
@@ -161,56 +178,143 @@ def common_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
+def _host_family(spec: str) -> str:
+    """The host under a spec's wrappers, with its precision (``"SnapKV · int4"``): whom KVCrush is compared with."""
+    try:
+        policy = parse_policy(spec)
+    except ValueError:
+        return spec
+    while isinstance(policy, Wrapper):
+        policy = policy.host
+    return DISPLAY.get(policy.name, policy.name) + _precision(policy)
+
+
 def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
-    """(method, reference) indices: every compressed run vs Full; every KVCrush run vs each plain host run with the
-    same total budget; every Ada-KV run (without KVCrush) vs each plain host run with the same budget."""
-    labels = [policy_label(s["policy"]) for _, s in runs]
+    """(method, reference) indices: every compressed run vs Full; every KVCrush run vs the plain run of its own host
+    with the same total budget (vs every plain host at that budget when its own did not run); every Ada-KV run
+    (without KVCrush) likewise vs the hosts without Ada-KV."""
+    specs = [s["policy"] for _, s in runs]
+    labels = [policy_label(s) for s in specs]
     full = [i for i, lab in enumerate(labels) if lab[0] == "Full"]
-    pairs = [(i, j) for i, lab in enumerate(labels) if lab[0] != "Full" for j in full]
+    pairs = [(i, j) for i, lab in enumerate(labels) if lab[0] != "Full" and lab[1] is not None for j in full]
     for i, (family, budget, _) in enumerate(labels):
         if budget is None or ("KVCrush" not in family and "Ada-KV" not in family):
             continue
         plain = "KVCrush" not in family  # an Ada-KV run: against the hosts without Ada-KV
-        pairs += [
-            (i, j)
+        refs = [
+            j
             for j, other in enumerate(labels)
             if other[0] != "Full"
             and "KVCrush" not in other[0]
             and other[1] == budget
             and (not plain or "Ada-KV" not in other[0])
         ]
+        own = [j for j in refs if _host_family(specs[j]) == _host_family(specs[i])]
+        pairs += [(i, j) for j in (own or refs)]
     return pairs
 
 
 def paired_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
-    """Paired comparisons on the common examples of one model: accuracies with 95 % Wilson intervals, wins/losses
-    (method right and reference wrong / the reverse) and the exact McNemar p-value. Empty for non-0/1 metrics."""
+    """Paired comparisons on the common examples of one model: scores (with 95 % Wilson intervals for 0/1 metrics),
+    wins/losses (method better / reference better on an example) and the exact two-sided binomial test on them:
+    McNemar's test for 0/1 metrics, the sign test for graded ones (RULER's partial matches)."""
     records = [results.records_for(path) for path, _ in runs]
     labels = _disambiguate([s["policy"] for _, s in runs])
     metrics = [(key, name) for key, name, *_ in _columns(task, [s for _, s in runs])]
     lines = []
     for i, j in _pairs(runs):
         for key, name in metrics:
-            if not (stats.is_binary(records[i], key) and stats.is_binary(records[j], key)):
+            if not (any(key in r for r in records[i]) and any(key in r for r in records[j])):
                 continue
             cmp = stats.paired(records[i], records[j], key)
             if cmp.n == 0:
                 continue
-            lo, hi = stats.wilson(cmp.method * cmp.n, cmp.n)
-            rlo, rhi = stats.wilson(cmp.reference * cmp.n, cmp.n)
+            binary = stats.is_binary(records[i], key) and stats.is_binary(records[j], key)
             lines.append(
                 f"| {labels[runs[i][1]['policy']]} | {labels[runs[j][1]['policy']]} | {name} | {cmp.n} "
-                f"| {100 * cmp.method:.1f} [{100 * lo:.0f}, {100 * hi:.0f}] "
-                f"| {100 * cmp.reference:.1f} [{100 * rlo:.0f}, {100 * rhi:.0f}] "
+                f"| {_score_cell(cmp.method, cmp.n, binary)} | {_score_cell(cmp.reference, cmp.n, binary)} "
                 f"| {cmp.wins}/{cmp.losses} | {cmp.p_value:.3g} |"
             )
     if not lines:
         return ""
     head = [
-        "| Method | vs | metric | n (common) | method % [95% CI] | reference % [95% CI] | wins/losses | McNemar p |",
+        "| Method | vs | metric | n (common) | method % [95% CI] | reference % [95% CI] | wins/losses | p |",
         "|---|---|---|---:|---:|---:|---:|---:|",
     ]
     return "\n".join(head + lines)
+
+
+def _score_cell(mean: float, n: int, binary: bool) -> str:
+    if not binary:
+        return f"{100 * mean:.1f}"
+    lo, hi = stats.wilson(mean * n, n)
+    return f"{100 * mean:.1f} [{100 * lo:.0f}, {100 * hi:.0f}]"
+
+
+def byte_points(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[str, float, float, int]]:
+    """``(label, KV bytes as a fraction of the 16-bit full cache, score in %, n)`` per compressed run of one task,
+    model and mode, on the examples it shares with the full run. Bytes are ``cache_bytes_16`` (floating-point
+    storage at 16 bits, the deployment norm, whatever dtype the run computed in) over the full run's on the same
+    example. Empty without a full run that recorded them."""
+    labels = _disambiguate([s["policy"] for _, s in runs])
+    full = [p for p, s in runs if policy_label(s["policy"])[0] == "Full"]
+    if not full:
+        return []
+    base = {r["id"]: r["cache_bytes_16"] for r in results.records_for(full[0]) if r.get("cache_bytes_16")}
+    primary = runs[0][1].get("primary_metric", "score")
+    points = []
+    for path, s in runs:
+        mine = [r for r in results.records_for(path) if r["id"] in base and "cache_bytes_16" in r and primary in r]
+        if not mine:
+            continue
+        share = sum(r["cache_bytes_16"] / base[r["id"]] for r in mine) / len(mine)
+        score = 100 * sum(float(r[primary]) for r in mine) / len(mine)
+        points.append((labels[s["policy"]], share, score, len(mine)))
+    return sorted(points, key=lambda p: (p[1], -p[2]))
+
+
+def pareto(points: list[tuple[str, float, float, int]]) -> set[str]:
+    """Labels of the points that no other point dominates (as few or fewer bytes and as high or higher a score,
+    better in one); equal points are on the front together."""
+    return {
+        lab
+        for lab, b, sc, _ in points
+        if not any(ob <= b and osc >= sc and (ob < b or osc > sc) for _, ob, osc, _ in points)
+    }
+
+
+def bytes_table(points: list[tuple[str, float, float, int]]) -> str:
+    front = pareto(points)
+    lines = ["| Method | KV bytes (% of 16-bit full) | score % | n | Pareto |", "|---|---:|---:|---:|:---:|"]
+    lines += [f"| {lab} | {100 * b:.1f} | {sc:.1f} | {n} | {'✓' if lab in front else ''} |" for lab, b, sc, n in points]
+    return "\n".join(lines)
+
+
+def bytes_plot(title: str, points: list[tuple[str, float, float, int]], path: Path) -> Path | None:
+    """Score vs KV bytes, every run a labelled point, the Pareto front as a step line."""
+    if len(points) < 2:
+        return None
+    plt = _plt()
+    front = pareto(points)
+    fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=DPI)
+    for label, share, score, _ in points:
+        on = label in front
+        ax.scatter([100 * share], [score], s=22 if on else 12, color="tab:red" if on else "tab:blue", zorder=3)
+        ax.annotate(label, (100 * share, score), fontsize=5, xytext=(2, 2), textcoords="offset points")
+    edge = sorted((100 * b, sc) for lab, b, sc, _ in points if lab in front)
+    ax.step(
+        [p[0] for p in edge], [p[1] for p in edge], where="post", color="tab:red", linewidth=1, label="Pareto front"
+    )
+    ax.set_xlabel("KV bytes, % of a 16-bit full cache", fontsize=9)
+    ax.set_ylabel("score (%)", fontsize=9)
+    ax.set_title(title, fontsize=10)
+    ax.tick_params(labelsize=8)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=DPI)
+    plt.close(fig)
+    return path
 
 
 def _plt() -> Any:
@@ -247,8 +351,8 @@ def budget_points(task: str, runs: list[dict[str, Any]]) -> tuple[dict[str, list
         if value is None:
             continue
         family, budget, _ = policy_label(r["policy"])
-        if budget is None:
-            full = value * scale
+        if budget is None:  # the full cache (a quantized full cache is a point of the bytes plot instead)
+            full = value * scale if family == "Full" else full
             continue
         kept = kept_tokens(r)
         if kept is not None:
@@ -354,12 +458,25 @@ def write_report(results_dir: Path, out: Path | None = None) -> Path:
                     "",
                     same,
                 ]
+            points = byte_points(own)
+            if len(points) > 1 and any(p[1] < 0.999 or p[1] > 1.001 for p in points):
+                title = f"{task} · {results.model_slug(model)} · {mode}: score per KV byte"
+                png = bytes_plot(title, points, fig_dir / f"{task}__{results.model_slug(model)}__{mode}__bytes.png")
+                lines += [
+                    "",
+                    f"Accuracy per byte ({results.model_slug(model)}; bytes of each run's cache with its "
+                    "floating-point storage at 16 bits, over the full cache's on the same example):",
+                    "",
+                    bytes_table(points),
+                ]
+                if png:
+                    lines += ["", f"![{task} per byte]({png.relative_to(out.parent).as_posix()})"]
             table = paired_table(task, own)
             if table:
                 lines += [
                     "",
-                    f"Paired comparisons ({results.model_slug(model)}, same examples; wins = method right "
-                    "and reference wrong; exact McNemar test on the discordant examples):",
+                    f"Paired comparisons ({results.model_slug(model)}, same examples; wins = method better "
+                    "than the reference on an example; p: exact McNemar test for 0/1 scores, sign test otherwise):",
                     "",
                     table,
                 ]

@@ -252,6 +252,7 @@ def _means(records: list[dict[str, Any]]) -> dict[str, float]:
     keys = (
         "kept_tokens",
         "cache_bytes",
+        "cache_bytes_16",
         "seq_len",
         "new_tokens",
         "prompt_tokens",

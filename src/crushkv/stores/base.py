@@ -78,8 +78,19 @@ class KVStore(Protocol):
     def map_batch(self, fn) -> None:
         """Apply a batch-dimension function (beam reorder, repeat, select) to every row."""
 
-    def nbytes(self) -> int:
-        """Bytes of K/V storage this layer holds (for a paged store: its pages in use plus its block table)."""
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        """Bytes of K/V storage this layer holds (for a paged store: its pages in use plus its block table).
+        ``float_bytes``: floating-point storage counted at that many bytes per element (see ``storage_nbytes``)."""
+
+
+def storage_nbytes(t: torch.Tensor, float_bytes: int | None = None) -> int:
+    """Bytes of ``t``'s storage; with ``float_bytes``, floating-point storage at that many bytes per element: what
+    the same cache holds when the model computes in a 16-bit dtype (accuracy per byte is compared at 16 bits,
+    the deployment norm, whatever dtype a CPU run computes in). Integer codes and tables count as they are."""
+    n = t.untyped_storage().nbytes()
+    if float_bytes is None or not t.is_floating_point():
+        return n
+    return n // t.element_size() * float_bytes
 
 
 def grown(need: int) -> int:

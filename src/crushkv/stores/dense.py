@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from crushkv.stores.base import Pages, grown
+from crushkv.stores.base import Pages, grown, storage_nbytes
 
 
 class DenseStore:
@@ -80,8 +80,8 @@ class DenseStore:
     def map_batch(self, fn) -> None:
         self.keys, self.values = fn(self.keys).contiguous(), fn(self.values).contiguous()
 
-    def nbytes(self) -> int:
-        return sum(t.untyped_storage().nbytes() for t in (self.keys, self.values) if t is not None)
+    def nbytes(self, float_bytes: int | None = None) -> int:
+        return sum(storage_nbytes(t, float_bytes) for t in (self.keys, self.values) if t is not None)
 
 
 def _compact(t: torch.Tensor) -> torch.Tensor:

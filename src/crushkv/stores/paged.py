@@ -40,6 +40,10 @@ class BlockPool:
     def page_nbytes(self) -> int:
         return self.page * (self.keys.shape[-1] + self.values.shape[-1]) * self.keys.element_size()
 
+    def page_bytes_at(self, float_bytes: int | None) -> int:
+        """``page_nbytes`` with the keys and values at ``float_bytes`` per element (None: as held)."""
+        return self.page_nbytes if float_bytes is None else self.page_nbytes // self.keys.element_size() * float_bytes
+
     def allocate(self, count: int) -> torch.Tensor:
         if count > len(self.free):
             self._grow(count - len(self.free))
@@ -176,6 +180,6 @@ class PagedStore:
         self.fit(torch.zeros(self.table.shape[0], dtype=torch.long, device=self.table.device), 0)
         self.adopt(fn(keys), fn(values))
 
-    def nbytes(self) -> int:
+    def nbytes(self, float_bytes: int | None = None) -> int:
         table = 0 if self.table is None else self.table.numel() * self.table.element_size()
-        return self.pages * self.pool.page_nbytes + table
+        return self.pages * self.pool.page_bytes_at(float_bytes) + table

@@ -33,7 +33,7 @@ from __future__ import annotations
 import torch
 
 from crushkv import quant
-from crushkv.stores.base import QuantSlots, grown
+from crushkv.stores.base import QuantSlots, grown, storage_nbytes
 
 #: ``where`` of a slot holding nothing (free, evicted or padding slots that were released)
 EMPTY = torch.iinfo(torch.int16).min
@@ -358,9 +358,9 @@ class QuantStore:
             "key_zero",
         )
 
-    def nbytes(self) -> int:
+    def nbytes(self, float_bytes: int | None = None) -> int:
         """Packed codes of every slot, value ranges per slot, key ranges per group row, the slots' ``where``, and
         the full-precision residual FIFO with its owners."""
         if not self.capacity:
             return 0
-        return sum(getattr(self, name).untyped_storage().nbytes() for name in self._tensors())
+        return sum(storage_nbytes(getattr(self, name), float_bytes) for name in self._tensors())

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from crushkv import quant
-from crushkv.stores.base import grown
+from crushkv.stores.base import grown, storage_nbytes
 
 
 class LowTier:
@@ -126,6 +126,6 @@ class LowTier:
         per_token = sum(t[0, 0, 0].numel() * t.element_size() for t in (*self.codes.values(), *self.ranges.values()))
         return int(self.counts.sum()) * per_token if self.counts is not None else 0
 
-    def nbytes(self) -> int:
+    def nbytes(self, float_bytes: int | None = None) -> int:
         """Bytes of the tier's codes and ranges (the capacity it holds, as for the stores)."""
-        return sum(t.untyped_storage().nbytes() for t in (*self.codes.values(), *self.ranges.values()))
+        return sum(storage_nbytes(t, float_bytes) for t in (*self.codes.values(), *self.ranges.values()))
