@@ -292,3 +292,29 @@ def test_bytes_at_16_bits_are_what_a_16_bit_run_holds(spec):
     (fp32_bytes, fp32_at_16), (bf16_bytes, bf16_at_16) = held
     assert fp32_at_16 == bf16_bytes == bf16_at_16
     assert fp32_bytes > fp32_at_16
+
+
+def test_low_precision_representatives_hold_the_crush_share_in_the_tier(arch_model):
+    """``reps=int4``: after the prompt's cut each row keeps ``budget - crush`` host tokens in its store and exactly
+    the ``crush`` representatives KVCrush picks in the tier (the same picks as ``reps=full``), for fewer bytes."""
+    _, model = arch_model
+    ids, mask = batch_inputs(batch=2, length=PROMPT, pad=30)
+    base = f"snapkv+kvcrush:budget={BUDGET},window=8,crush=24,anchor=mean,phase=prefill"
+    held = {}
+    for reps in ("full", "int4"):
+        with torch.no_grad(), crushkv.compress(model, f"{base},reps={reps}") as cache:
+            model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
+            kept = {i: cache.kept_positions(i) for i in cache.compressed_layers}
+            tier = {i: cache.tier_positions(i) for i in cache.compressed_layers}
+            held[reps] = (kept, tier, cache.nbytes())
+            for i in cache.compressed_layers:
+                assert (cache.kept_counts(i) == BUDGET - (24 if reps == "int4" else 0)).all()
+    kept_full, _, bytes_full = held["full"]
+    kept_low, tier_low, bytes_low = held["int4"]
+    for i, positions in kept_full.items():
+        assert (tier_low[i] >= 0).sum(-1).eq(24).all(), "every row demoted its 24 representatives"
+        for row in range(2):
+            for head in range(positions.shape[1]):
+                both = set(kept_low[i][row, head].tolist()) | set(tier_low[i][row, head].tolist())
+                assert both - {-1} == set(positions[row, head].tolist()) - {-1}
+    assert bytes_low < bytes_full

@@ -7,6 +7,7 @@ import torch
 
 import crushkv
 from conftest import batch_inputs
+from crushkv.policies import REGISTRY
 from crushkv.stores import STORES
 from oracle import (
     generate_recorded,
@@ -16,7 +17,7 @@ from oracle import (
     record_store_kv,
     stored_by_position,
 )
-from policy_matrix import QUANT_OPTIONS, STORE_OPTIONS, TIER_OPTIONS, all_specs
+from policy_matrix import QUANT_OPTIONS, STORE_OPTIONS, TIER_OPTIONS, all_specs, small_spec
 
 NEW_TOKENS = 12
 BUDGET = 12
@@ -31,7 +32,7 @@ def _check_against_oracle(model, spec: str, **generate_kwargs) -> None:
     full_mask = torch.cat([mask, torch.ones(mask.shape[0], total - mask.shape[1], dtype=mask.dtype)], dim=1)
     masks = oracle_masks(model, cache, recorder, mask, total)
     stored = stored_by_position(records, total)
-    quantized = "quant=" in spec or "tier=" in spec
+    quantized = any(key in spec for key in ("quant=", "tier=", "reps="))
     assert bool(stored) == quantized, "quantized layers (only those) hand their stored K/V to the oracle"
     reference = oracle_logits(model, sequence, generation_positions(full_mask), masks, stored)
     prompt = ids.shape[1]
@@ -88,6 +89,21 @@ def test_low_precision_tier_matches_oracle_over_the_stored_kv(arch_model, spec):
     ],
 )
 def test_tier_with_other_stores_and_bit_widths_matches_oracle(arch_model, spec):
+    _, model = arch_model
+    _check_against_oracle(model, spec)
+
+
+#: KVCrush's representatives at low precision (``reps=``) on every host, the host's tokens at full precision
+REPS_MATRIX = [
+    f"{small_spec(name, BUDGET, 'prefill', 'kvcrush', extra)},crush=4,anchor=mean,reps={reps}"
+    for name in sorted(REGISTRY)
+    if REGISTRY[name].compresses
+    for extra, reps in ((None, "int4"), (STORE_OPTIONS["paged"], "int2"))
+] + [f"{small_spec('h2o', BUDGET, 'prefill', 'floor=0.2,crush=4,anchor=mean')},reps=int8"]
+
+
+@pytest.mark.parametrize("spec", REPS_MATRIX)
+def test_low_precision_representatives_match_oracle_over_the_stored_kv(arch_model, spec):
     _, model = arch_model
     _check_against_oracle(model, spec)
 

@@ -95,8 +95,8 @@ class CompressedLayer(DynamicLayer):
         if self.store is None:
             self.store = self.make_store(key_states, value_states)
             self.store.adopt(key_states, value_states)
-            if self.policy.tier != "drop":
-                self.tier = LowTier(BITS[self.policy.tier], self.policy.group)
+            if self.policy.low_precision() != "drop":
+                self.tier = LowTier(BITS[self.policy.low_precision()], self.policy.group)
             self._positions = torch.arange(q, device=self.device).expand(b, h, q).contiguous()
             self._valid = torch.ones(b, h, q, dtype=torch.bool, device=self.device)
             self._fit_metadata()
@@ -193,19 +193,22 @@ class CompressedLayer(DynamicLayer):
         self.min_count += q
         return slots
 
-    def keep(self, mask: torch.Tensor, budgets: tuple[int, ...]) -> None:
-        """Free every slot outside ``mask`` (``[B, H, n]``), compact rows with many holes, release storage."""
+    def keep(self, mask: torch.Tensor, budgets: tuple[int, ...], demote: torch.Tensor | None = None) -> None:
+        """Free every slot outside ``mask`` (``[B, H, n]``), compact rows with many holes, release storage.
+        With a low-precision tier the freed tokens move into it first: ``demote`` of them, else all."""
         n = mask.shape[-1]
-        if self.tier is not None:  # the freed tokens move to the low-precision tier before their slots are reused
+        if self.tier is not None:  # before their slots are reused
             keys, values = self.store.dense(n)
-            self.tier.add(self._valid[..., :n] & ~mask, self._positions[..., :n], keys, values)
+            moved = self._valid[..., :n] & ~mask
+            self.tier.add(moved if demote is None else moved & demote, self._positions[..., :n], keys, values)
         self._valid[..., :n] &= mask
         self.store.evicted(~mask)
         self.holes = True
         self.aligned = self.aligned and bool(self.policy.shared)
         reserve = self.reserve_after_cut(budgets)
         budget = budgets[0]
-        steady = len(set(budgets)) == 1 and not self.policy.ragged and self.min_count >= budget
+        # (demoted tokens leave the store: each row then holds fewer than its budget, so the counts are taken)
+        steady = len(set(budgets)) == 1 and not self.policy.ragged and self.min_count >= budget and demote is None
         if steady and self.hw - budget < reserve + self.policy.page:
             # every row had at least ``budget`` tokens, so each now holds exactly ``budget``, and none has holes
             # enough to compact: nothing to count (no host sync), nothing to release

@@ -121,12 +121,17 @@ def _group_key(layer: CompressedLayer, budgets: tuple[int, ...]) -> tuple:
     return (id(layer.policy), budgets, layer.context_lengths, shape, layer.device, layer.dtype, names)
 
 
-def select(layer, budgets: tuple[int, ...]) -> torch.Tensor:
-    """Keep mask of one layer: one selection, or one per row when the rows' budgets differ."""
+def select(layer, budgets: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Keep and demote masks of one layer (``Policy.keep_and_demote``): one selection, or one per row when the rows'
+    budgets differ."""
     policy = layer.policy
     if len(set(budgets)) == 1:
-        return policy.keep_mask(layer, budgets[0])
-    return torch.cat([policy.keep_mask(RowView(layer, b), budget) for b, budget in enumerate(budgets)])
+        return policy.keep_and_demote(layer, budgets[0])
+    rows = [policy.keep_and_demote(RowView(layer, b), budget) for b, budget in enumerate(budgets)]
+    keep = torch.cat([k for k, _ in rows])
+    if all(d is None for _, d in rows):
+        return keep, None
+    return keep, torch.cat([torch.zeros_like(k) if d is None else d for k, d in rows])
 
 
 def evict(pending: Sequence[tuple[CompressedLayer, tuple[int, ...]]], batched: bool = True) -> None:
@@ -139,12 +144,13 @@ def evict(pending: Sequence[tuple[CompressedLayer, tuple[int, ...]]], batched: b
         if batched and len(layers) > 1 and batchable(policy) and len(set(budgets)) == 1:
             with PROFILER.section("select"):
                 stack = LayerStack(layers)
-                keeps = stack.split(policy.keep_mask(stack, budgets[0]))
+                keep, demote = policy.keep_and_demote(stack, budgets[0])
+                cuts = list(zip(stack.split(keep), [None] * len(layers) if demote is None else stack.split(demote)))
         else:
-            keeps = []
+            cuts = []
             for layer in layers:
                 with PROFILER.section("select"):
-                    keeps.append(select(layer, budgets))
+                    cuts.append(select(layer, budgets))
         with PROFILER.section("gather"):
-            for layer, keep in zip(layers, keeps, strict=True):
-                layer.keep(keep, budgets)
+            for layer, (keep, demote) in zip(layers, cuts, strict=True):
+                layer.keep(keep, budgets, demote)

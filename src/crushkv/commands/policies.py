@@ -78,4 +78,8 @@ def run(args: argparse.Namespace) -> int:
     print("  (default drop). MiKV-style: what the policy evicts is kept per token at that precision (groups of group")
     print("  channels) and still attended over; it is not scored again. budget= counts full-precision tokens;")
     print("  snapkv:budget=0.25,tier=int2 keeps 25 % at full precision and the other 75 % at 2 bits.")
+    print("\nKVCrush's representatives at low precision (+kvcrush, phase=prefill): reps=full|int8|int4|int2")
+    print("  (default full). The host's budget-crush tokens stay at full precision, the crush representatives")
+    print("  are kept at that precision (the same low tier), the other evicted tokens are dropped; not with tier=.")
+    print("  snapkv+kvcrush:budget=0.25,crush=0.75,phase=prefill,reps=int4: 6.25 % at 16 bits + 18.75 % at 4 bits.")
     return 0

@@ -35,7 +35,7 @@ WRAPPERS: dict[str, type[Wrapper]] = {"adakv": AdaKV, "kvcrush": KVCrush}
 #: keys ``full`` accepts (it keeps everything; only where it keeps it can be chosen)
 STORAGE_KEYS = ("store", "page", "quant", "group", "residual")
 #: keys whose values are keywords, matched case-insensitively
-LOWERCASE_KEYS = ("store", "quant", "tier", "anchor", "pick", "granularity", "phase", "norm", "pool")
+LOWERCASE_KEYS = ("store", "quant", "tier", "reps", "anchor", "pick", "granularity", "phase", "norm", "pool")
 
 __all__ = [
     "REGISTRY",

@@ -138,6 +138,15 @@ class Policy:
         """Boolean ``[B, kv_heads, n]`` mask of the ``budget`` slots to keep per row (all valid ones if fewer)."""
         raise NotImplementedError
 
+    def keep_and_demote(self, view: LayerView, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The slots that stay at full precision, and those the cut moves into the layer's low-precision tier
+        (``None``: every slot it frees, when the layer has a tier; KVCrush's ``reps=`` demotes its picks only)."""
+        return self.keep_mask(view, budget), None
+
+    def low_precision(self) -> str:
+        """Precision of the layer's low tier (``drop``: none): ``tier=``, or ``+kvcrush``'s ``reps=``."""
+        return self.tier
+
 
 def resolve_budget(budget: int | float | None, context: int, floor: int) -> int:
     """Token budget of a layer: ints as is, ratios of ``context`` rounded and raised to ``floor`` (sink + recent).

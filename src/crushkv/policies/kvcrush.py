@@ -12,7 +12,7 @@ per token (top half by layer score), and KVCrush keeps whole representative bloc
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ClassVar
 
 import torch
@@ -30,6 +30,7 @@ from crushkv.crush import (
 )
 from crushkv.policies.base import Wrapper, resolve_budget
 from crushkv.profiling import PROFILER
+from crushkv.quant import BITS
 from crushkv.selection import forced_mask, priority, to_mask, top_mask
 from crushkv.view import LayerView
 
@@ -57,6 +58,9 @@ class KVCrush(Wrapper):
     additive: bool = False
     pick: str = "bucket"
     seed: int = 0
+    #: ``full``: representatives stay in the layer's store like the host's tokens; ``int8|int4|int2``: they are
+    #: kept in the layer's low-precision tier (``crushkv.stores.tier``) while the host's tokens stay at full precision
+    reps: str = field(default="full", metadata={"omit_default": True})
 
     def validate(self) -> None:
         super().validate()
@@ -76,6 +80,7 @@ class KVCrush(Wrapper):
             raise ValueError(f"kvcrush: a float crush is a fraction of the budget in [0, 1), got {self.crush}")
         if isinstance(self.crush, int) and self.crush < 0:
             raise ValueError("kvcrush: crush must be >= 0")
+        self._validate_reps()
         budget = self.host.budget
         if isinstance(budget, int) and not self.additive:
             host_share = budget - self.crush_tokens(budget)
@@ -84,6 +89,27 @@ class KVCrush(Wrapper):
                     f"kvcrush: budget={budget} minus crush={self.crush_tokens(budget)} leaves {host_share} tokens for "
                     f"{self.host.name}, fewer than its sink+recent={self.host.min_budget()}"
                 )
+
+    def _validate_reps(self) -> None:
+        if self.reps == "full":
+            return
+        if self.reps not in BITS:
+            raise ValueError(f"kvcrush: reps must be full|{'|'.join(BITS)}, got {self.reps!r}")
+        if self.host.tier != "drop":
+            raise ValueError(
+                f"kvcrush: reps={self.reps} puts the representatives in the low-precision tier; tier={self.host.tier} "
+                "already puts every evicted token there (choose one)"
+            )
+        if self.host.phase != "prefill":
+            raise ValueError(
+                f"kvcrush: reps={self.reps} needs phase=prefill: the low-precision tier is append-only, so "
+                "representatives picked at every cut would pile up past the budget"
+            )
+        if self.granularity != "token":
+            raise ValueError(f"kvcrush: reps={self.reps} needs granularity=token")
+
+    def low_precision(self) -> str:
+        return self.host.low_precision() if self.reps == "full" else self.reps
 
     @property
     def batchable(self) -> bool:  # type: ignore[override]
@@ -131,15 +157,25 @@ class KVCrush(Wrapper):
 
     # ------------------------------------------------------------------ selection
     def keep_mask(self, view: LayerView, budget: int) -> torch.Tensor:
+        host_mask, reps = self._host_and_reps(view, budget)
+        return host_mask if reps is None else host_mask | reps
+
+    def keep_and_demote(self, view: LayerView, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if self.reps == "full":
+            return self.keep_mask(view, budget), None
+        host_mask, reps = self._host_and_reps(view, budget)
+        return host_mask, torch.zeros_like(host_mask) if reps is None else reps
+
+    def _host_and_reps(self, view: LayerView, budget: int) -> tuple[torch.Tensor, torch.Tensor | None]:
         host_tokens, crush_tokens = self.split(view, budget)
         if self.granularity == "block":
             with PROFILER.section("kvcrush"):
-                return self._select_blocks(view, host_tokens, crush_tokens)
+                return self._select_blocks(view, host_tokens, crush_tokens), None
         host_mask = self.host.keep_mask(view, host_tokens)
         if crush_tokens == 0:
-            return host_mask
+            return host_mask, None
         with PROFILER.section("kvcrush"):
-            return host_mask | self._representatives(view, host_mask, crush_tokens)
+            return host_mask, self._representatives(view, host_mask, crush_tokens)
 
     def _representatives(self, view: LayerView, host_mask: torch.Tensor, crush_tokens: int) -> torch.Tensor:
         """Signatures, anchor, Hamming distances and bucket picks among the host's evicted slots."""
