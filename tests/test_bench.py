@@ -168,6 +168,8 @@ def test_short_names_label_the_schedule():
     assert short_name(f"{base},interval=1") == "h2o+kvcrush b=0.25 decode"
     assert short_name(f"{base},interval=16") == "h2o+kvcrush b=0.25 decode every 16"
     assert short_name(f"{base},interval=auto") == "h2o+kvcrush b=0.25 decode interval=auto"
+    assert short_name(f"{base},interval=1,store=paged") == "h2o+kvcrush b=0.25 decode store=paged"
+    assert short_name(f"{base},interval=1,store=dense,quant=int4") == "h2o+kvcrush b=0.25 decode quant=int4"
     assert short_name("full") == "full"
 
 

@@ -62,11 +62,15 @@ def plot_growth(report: dict[str, Any], path: str | Path, title: str = "") -> Pa
     return path
 
 
-def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval")) -> str:
+#: storage settings printed only away from their defaults (two runs that differ only in the store stay apart)
+STORAGE_DEFAULTS = {"store": "dense", "quant": "none", "tier": "drop", "reps": "full"}
+
+
+def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval", *STORAGE_DEFAULTS)) -> str:
     """``snapkv+kvcrush:budget=0.25,...`` -> ``snapkv+kvcrush b=0.25 decode`` (host and the chosen settings).
 
     ``budget`` prints as ``b=``, ``phase`` bare, ``interval`` only when > 1 (``every N``, or ``interval=auto``),
-    other keys as ``k=v``.
+    storage keys only away from their defaults, other keys as ``k=v``.
     """
     head, _, tail = spec.partition(":")
     fields = dict(part.split("=", 1) for part in tail.split(",") if "=" in part)
@@ -75,7 +79,7 @@ def short_name(spec: str, keys: tuple[str, ...] = ("budget", "phase", "interval"
     words = [head]
     for key in keys:
         value = fields.get(key)
-        if value is None or (key == "interval" and value == "1"):
+        if value is None or (key == "interval" and value == "1") or STORAGE_DEFAULTS.get(key) == value:
             continue
         every = "interval=auto" if value == "auto" else f"every {value}"
         words.append({"budget": f"b={value}", "phase": value, "interval": every}.get(key, f"{key}={value}"))

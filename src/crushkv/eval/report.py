@@ -20,6 +20,10 @@ DISPLAY = {
     "knorm": "KNorm",
     "pyramidkv": "PyramidKV",
     "random": "Random",
+    "expected_attention": "ExpectedAttention",
+    "kvzip": "KVzip",
+    "keydiff": "KeyDiff",
+    "lagkv": "LagKV",
 }
 # per task: (metric key, column name, scale, decimals)
 TASK_COLUMNS: dict[str, list[tuple[str, str, float, int]]] = {

@@ -18,6 +18,7 @@
 #include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <vector>
@@ -47,14 +48,28 @@ struct CompressTable {
 const CompressTable kCompress;
 #endif
 
+// src[i], or -inf where a mask is given and mask[i] is 0 (a slot outside the region).
+inline float masked(const float* src, const uint8_t* mask, int64_t i) {
+  return mask == nullptr || mask[i] ? src[i] : -std::numeric_limits<float>::infinity();
+}
+
 // Appends the values of src[0, size) in [lower, upper] to dst (which has room for size) and returns how many;
-// *above counts those > upper. Branch-free: a compress-store of 8 lanes at a time where AVX2 is there.
-int64_t partition_inside(const float* src, int64_t size, float lower, float upper, float* dst, int64_t* above) {
+// *above counts those > upper. With a mask, slots where it is 0 read as -inf (so the first pass over a row needs
+// no masked copy of it). Branch-free: a compress-store of 8 lanes at a time where AVX2 is there.
+int64_t partition_inside(const float* src, const uint8_t* mask, int64_t size, float lower, float upper, float* dst,
+                         int64_t* above) {
   int64_t over = 0, kept = 0, i = 0;
 #if defined(__AVX2__)
   const __m256 lo = _mm256_set1_ps(lower), up = _mm256_set1_ps(upper);
+  const __m256 neg = _mm256_set1_ps(-std::numeric_limits<float>::infinity());
   for (; i + 8 <= size; i += 8) {
-    const __m256 v = _mm256_loadu_ps(src + i);
+    __m256 v = _mm256_loadu_ps(src + i);
+    if (mask != nullptr) {  // the same branch for the whole row: predicted
+      int64_t bytes;
+      std::memcpy(&bytes, mask + i, 8);
+      const __m256i in = _mm256_cvtepu8_epi32(_mm_cvtsi64_si128(bytes));
+      v = _mm256_blendv_ps(neg, v, _mm256_castsi256_ps(_mm256_cmpgt_epi32(in, _mm256_setzero_si256())));
+    }
     const __m256 gt = _mm256_cmp_ps(v, up, _CMP_GT_OQ);
     const int in = _mm256_movemask_ps(_mm256_andnot_ps(gt, _mm256_cmp_ps(v, lo, _CMP_GE_OQ)));
     over += std::popcount(static_cast<unsigned>(_mm256_movemask_ps(gt)));
@@ -64,7 +79,7 @@ int64_t partition_inside(const float* src, int64_t size, float lower, float uppe
   }
 #endif
   for (; i < size; ++i) {
-    const float v = src[i];
+    const float v = masked(src, mask, i);
     over += v > upper;
     dst[kept] = v;
     kept += (v >= lower) & (v <= upper);
@@ -90,17 +105,19 @@ float rank_select(float* buf, int64_t size, int64_t r) {
   return buf[r];
 }
 
-// r-th largest (0-based, r < size) of buf[0, size); buf and tmp are scratch of `size` floats. Sampled selection
-// (Floyd-Rivest style): 16 evenly spaced values bracket the target rank, one branch-free pass counts the values
-// above the bracket and moves those inside it (about a third) to tmp, and the search goes on there; when the
-// bracket misses, a second pass keeps the side that holds the rank. Exact whatever the sample; about 1.3 passes over
-// the row where introselect (std::nth_element, kthvalue) makes several with unpredictable branches.
-float select_desc(float* buf, float* tmp, int64_t size, int64_t r) {
+// r-th largest (0-based, r < size) of src[0, size), slots where mask is 0 (if given) read as -inf; buf and tmp are
+// scratch of `size` floats. Sampled selection (Floyd-Rivest style): 16 evenly spaced values bracket the target
+// rank, one branch-free pass counts the values above the bracket and moves those inside it (about a quarter) to
+// scratch, and the search goes on there; when the bracket misses, a second pass keeps the side that holds the
+// rank. Exact whatever the sample; about 1.3 passes over the row where introselect (std::nth_element, kthvalue)
+// makes several with unpredictable branches.
+float select_desc(const float* src, const uint8_t* mask, float* buf, float* tmp, int64_t size, int64_t r) {
   constexpr int64_t kSample = 16, kDelta = 2;
   const float inf = std::numeric_limits<float>::infinity();
+  const float* cur = src;  // the values still searched: the row itself, then scratch
   while (size > 4 * kSample) {
     float sample[kSample], ranked[kSample];
-    for (int64_t i = 0; i < kSample; ++i) sample[i] = buf[(2 * i + 1) * size / (2 * kSample)];
+    for (int64_t i = 0; i < kSample; ++i) sample[i] = masked(cur, mask, (2 * i + 1) * size / (2 * kSample));
     for (int64_t i = 0; i < kSample; ++i) {  // the sample sorted descending, ties by index: a branch-free rank sort
       int32_t rank = 0;
       for (int64_t j = 0; j < kSample; ++j) rank += (sample[j] > sample[i]) | ((sample[j] == sample[i]) & (j < i));
@@ -110,21 +127,26 @@ float select_desc(float* buf, float* tmp, int64_t size, int64_t r) {
     const float upper = q - kDelta >= 0 ? ranked[q - kDelta] : inf;
     const float lower = q + kDelta < kSample ? ranked[q + kDelta] : -inf;
     int64_t above = 0;
-    const int64_t inside = partition_inside(buf, size, lower, upper, tmp, &above);
+    const int64_t inside = partition_inside(cur, mask, size, lower, upper, tmp, &above);
     int64_t kept = inside;
     if (r < above) {  // the bracket missed: keep the side that holds the rank
       int64_t ignored = 0;
-      kept = partition_inside(buf, size, std::nextafter(upper, inf), inf, tmp, &ignored);
+      kept = partition_inside(cur, mask, size, std::nextafter(upper, inf), inf, tmp, &ignored);
     } else if (r >= above + inside) {
       int64_t ignored = 0;
-      kept = partition_inside(buf, size, -inf, std::nextafter(lower, -inf), tmp, &ignored);
+      kept = partition_inside(cur, mask, size, -inf, std::nextafter(lower, -inf), tmp, &ignored);
       r -= above + inside;
     } else {
       r -= above;
     }
     if (kept == size) break;  // the sample did not split the values (many equal ones): select directly
     size = kept;
+    cur = tmp;
+    mask = nullptr;
     std::swap(buf, tmp);
+  }
+  if (cur != buf) {  // the row itself or the last scratch: the final selection reorders its own copy
+    for (int64_t i = 0; i < size; ++i) buf[i] = masked(cur, mask, i);
   }
   if (size <= 4 * kSample) return rank_select(buf, size, r);
   std::nth_element(buf, buf + r, buf + size, std::greater<float>());
@@ -167,8 +189,7 @@ void signature_bits(const Rows& rows, int64_t b, int64_t r, int64_t s0, int64_t 
   tmp.resize(n);
   for (int64_t s = s0; s < s1; ++s) {
     const float* row = rows.scores + b * rows.ss0 + s * rows.ss1;
-    for (int64_t j = 0; j < n; ++j) buf[j] = region[j] ? row[j] : neg;
-    const float kth = select_desc(buf.data(), tmp.data(), n, t - 1);
+    const float kth = select_desc(row, region, buf.data(), tmp.data(), n, t - 1);
     const uint64_t bit = uint64_t{1} << s;
     int64_t at_least = 0;
     for (int64_t j = 0; j < n; ++j) {
