@@ -42,3 +42,31 @@ def test_kept_sets_agree_with_kvpress(build):
     # LagKV's scores are ranks within partitions, so equal scores are the rule: with 128 of 512 kept, 256 tokens
     # (sinks and the reference-less tail) tie at 1. crushkv keeps the earliest, torch.topk some other 128 of them.
     assert by_press["lagkv"]["jaccard_mean"] >= 0.9
+
+
+def test_ruler_prompt_through_kvpress_answers_as_crushkv_does():
+    """``crushkv.bench.kvpress_ruler`` feeds kvpress's pipeline crushkv's own token ids: with StreamingLLM (the same
+    kept positions in both libraries) kvpress's greedy answer equals crushkv's question-agnostic one."""
+    from transformers import pipeline
+
+    from conftest_eval import tiny_model, tiny_tokenizer
+    from crushkv.bench import kvpress_ruler
+    from crushkv.eval.common import QUESTION_AGNOSTIC, generate_compressed
+    from crushkv.eval.ruler import RulerTask
+    from crushkv.eval.ruler_data import RulerExample, metric_for
+
+    model, tok = tiny_model(), tiny_tokenizer()
+    model.set_attn_implementation("sdpa")
+    text = " ".join(f"Line {i} says the vault code is {i * 7919 % 10000:04d}." for i in range(40))
+    raw = RulerExample(task="niah_single_1", index=0, context=text, question="\nWhat is the vault code of line 3?",
+                       answer_prefix=" The code is", outputs=["3757"], tokens_to_generate=12,
+                       metric=metric_for("niah_single_1"))  # fmt: skip
+    example = RulerTask(subtasks=("niah_single_1",), lengths=(4096,), chat=True).build(raw, 4096, tok)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
+    press = kvpress_ruler.make_press("streaming", 0.5)
+    answer, context = kvpress_ruler.kvpress_answer(pipe, model, tok, example, press)
+    assert context > 100
+    spec = f"streaming:budget={context // 2},sink=4,phase=prefill"
+    ours = generate_compressed(model, tok, example.context, example.query, spec, QUESTION_AGNOSTIC, 12)
+    assert ours["kept_tokens_after_context"] == context // 2
+    assert answer == ours["text"]
