@@ -322,3 +322,27 @@ def test_pareto_front_and_byte_points(tmp_path: Path) -> None:
     assert got["SnapKV 25%"] == pytest.approx((0.275, 50.0))  # (250/1000 + 600/2000) / 2
     assert got["Full · int4"] == pytest.approx((0.275, 100.0))
     assert report.pareto(report.byte_points(runs)) == {"Full · int4"}
+
+
+def test_budget_grid_scores_every_method_on_the_shared_examples(tmp_path: Path) -> None:
+    from crushkv.eval import report
+
+    runs = []
+    for spec, scores in (
+        ("full", [1.0, 1.0, 0.5]),
+        ("snapkv:budget=0.5", [1.0, 0.0, 0.5]),
+        ("snapkv:budget=0.25", [0.0, 0.0]),  # stopped early: the grid uses the 2 examples every run has
+        ("streaming:budget=0.5", [1.0, 1.0, 1.0]),
+    ):
+        stem = f"ruler__tiny__{spec.replace(':', '_')}__question-agnostic"
+        rec = tmp_path / f"{stem}{results.RECORDS_SUFFIX}"
+        rec.write_text("".join(json.dumps({"id": f"x{i}", "score": s}) + "\n" for i, s in enumerate(scores)))
+        runs.append((tmp_path / f"{stem}{results.SUMMARY_SUFFIX}", {"policy": spec, "primary_metric": "score"}))
+    grid = report.budget_grid("ruler", runs)
+    assert "on the 2 examples every run has" in grid
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in grid.splitlines() if line.startswith("| ")]
+    rows = {row[0]: row[1:] for row in cells}
+    assert rows["Method"] == ["50 %", "25 %"]
+    assert rows["SnapKV"] == ["50.0", "0.0"]  # (1 + 0) / 2 and (0 + 0) / 2 on x0, x1
+    assert rows["StreamingLLM"] == ["100.0", "–"]
+    assert rows["Full"] == ["100.0", ""]

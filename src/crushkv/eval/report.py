@@ -158,6 +158,39 @@ def markdown_table(task: str, runs: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def budget_grid(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
+    """Method x kept fraction: the primary metric of every ratio-budget run of one model on the examples all its
+    runs share (so every cell is scored on the same prompts), the full cache as its own row. Empty without at least
+    two ratio budgets."""
+    records = {s["policy"]: results.records_for(p) for p, s in runs}
+    primary = runs[0][1].get("primary_metric", "score") if runs else "score"
+    cells: dict[str, dict[float, str]] = defaultdict(dict)
+    full = [spec for spec in records if policy_label(spec)[0] == "Full"]
+    ratio = [spec for spec in records if isinstance(policy_label(spec)[1], float) and policy_label(spec)[1] <= 1]
+    budgets = sorted({policy_label(spec)[1] for spec in ratio}, reverse=True)
+    if len(budgets) < 2 or task == "ppl":
+        return ""
+    kept = [spec for spec in full + ratio if records[spec]]
+    common = set.intersection(*({r["id"] for r in records[spec] if primary in r} for spec in kept)) if kept else set()
+    if not common:
+        return ""
+
+    def score(spec: str) -> str:
+        mine = [float(r[primary]) for r in records[spec] if r["id"] in common]
+        return f"{100 * sum(mine) / len(mine):.1f}"
+
+    for spec in ratio:
+        family, budget, _ = policy_label(spec)
+        if records[spec]:
+            cells[family][budget] = score(spec)
+    head = "| Method | " + " | ".join(f"{100 * b:g} %" for b in budgets) + " |"
+    lines = [head, "|---|" + "---:|" * len(budgets)]
+    lines += [f"| Full | {score(full[0])} |" + " |" * (len(budgets) - 1)] if full and records[full[0]] else []
+    for family in sorted(cells, key=lambda f: (("KVCrush" in f) + ("·" in f), f)):
+        lines.append(f"| {family} | " + " | ".join(cells[family].get(b, "–") for b in budgets) + " |")
+    return f"Score (%) by kept fraction, on the {len(common)} examples every run has:\n\n" + "\n".join(lines)
+
+
 def common_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
     """The main table recomputed on the examples that every run of one model has (runs stopped at different
     ``--limit`` are otherwise not comparable). Empty when all runs cover the same examples or for metrics that are
@@ -453,6 +486,9 @@ def write_report(results_dir: Path, out: Path | None = None) -> Path:
             own = [
                 (p, s) for p, s in found if (s["task"], s.get("compression", "?"), s["model"]) == (task, mode, model)
             ]
+            grid = budget_grid(task, own)
+            if grid:
+                lines += ["", grid]
             same = common_table(task, own)
             if same:
                 lines += [
