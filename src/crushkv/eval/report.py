@@ -342,8 +342,13 @@ def bytes_plot(title: str, points: list[tuple[str, float, float, int]], path: Pa
     ax.step(
         [p[0] for p in edge], [p[1] for p in edge], where="post", color="tab:red", linewidth=1, label="Pareto front"
     )
-    ax.set_xlabel("KV bytes, % of a 16-bit full cache", fontsize=9)
-    ax.set_ylabel("score (%)", fontsize=9)
+    return _finish(plt, fig, ax, "KV bytes, % of a 16-bit full cache", "score (%)", title, path)
+
+
+def _finish(plt: Any, fig: Any, ax: Any, xlabel: str, ylabel: str, title: str, path: Path) -> Path:
+    """Labels, grid and legend in the report's style; saves and closes the figure."""
+    ax.set_xlabel(xlabel, fontsize=9)
+    ax.set_ylabel(ylabel, fontsize=9)
     ax.set_title(title, fontsize=10)
     ax.tick_params(labelsize=8)
     ax.grid(alpha=0.3)
@@ -416,16 +421,9 @@ def budget_plot(task: str, model: str, mode: str, runs: list[dict[str, Any]], pa
     kept_values = [p[0] for pts in lines.values() for p in pts]
     if min(kept_values) > 1 and max(kept_values) / min(kept_values) >= 4:
         ax.set_xscale("log", base=2)
-    ax.set_xlabel("kept tokens per layer and head (mean)", fontsize=9)
-    ax.set_ylabel(primary if task == "ppl" else f"{primary} (%)", fontsize=9)
-    ax.set_title(f"{task} · {results.model_slug(model)} · {mode}", fontsize=10)
-    ax.tick_params(labelsize=8)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI)
-    plt.close(fig)
-    return path
+    ylabel = primary if task == "ppl" else f"{primary} (%)"
+    title = f"{task} · {results.model_slug(model)} · {mode}"
+    return _finish(plt, fig, ax, "kept tokens per layer and head (mean)", ylabel, title, path)
 
 
 def niah_heatmap(records: list[dict[str, Any]], title: str, path: Path) -> Path | None:
