@@ -121,6 +121,10 @@ def test_policy_labels() -> None:
     assert label == ("KVCrush (mean)", 512.0, "KVCrush 128-384 (mean)")
     assert policy_label("h2o+kvcrush:budget=512,crush=0.25,anchor=alternate")[2] == "KVCrush 384-128 (alternate)"
     assert policy_label("snapkv:budget=0.25")[2] == "SnapKV 25%"
+    assert policy_label("snapkv:budget=0.125,quant=int4")[2] == "SnapKV 12.5% · int4"
+    spec = "snapkv+kvcrush:budget=0.25,crush=0.75,anchor=mean,phase=prefill,reps=int4"
+    assert policy_label(spec)[2] == "SnapKV+KVCrush 25% crush=0.75 (mean) · reps=int4"
+    assert policy_label("full:quant=int2")[:2] == ("Full · int2", None)
 
 
 def test_sweep_then_report(tmp_path: Path) -> None:

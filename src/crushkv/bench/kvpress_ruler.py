@@ -73,6 +73,7 @@ def kvpress_answer(pipe: Any, model: Any, tokenizer: Any, example: Any, press: A
 def run(model: Any, tokenizer: Any, task: RulerTask, presses: list[str], kept: float, out: Path, limit: int | None,
         model_name: str, progress: bool = True) -> list[Path]:  # fmt: skip
     """kvpress's records of every press on the first ``limit`` examples (resuming what ``out`` holds)."""
+    import kvpress  # noqa: F401  (importing it registers the pipeline)
     from transformers import pipeline
 
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)

@@ -66,7 +66,9 @@ def policy_label(spec: str) -> tuple[str, float | None, str]:
         policy = policy.host
     host_name = DISPLAY.get(policy.name, policy.name)
     family, budget, label = _label(policy, wrappers, host_name)
-    precision = _precision(policy)
+    precision = _precision(policy) + "".join(
+        f" · reps={w.reps}" for w in wrappers if isinstance(w, KVCrush) and w.reps != "full"
+    )
     return (family + precision, budget, label + precision) if precision else (family, budget, label)
 
 
@@ -289,8 +291,8 @@ def _score_cell(mean: float, n: int, binary: bool) -> str:
 
 
 def byte_points(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[str, float, float, int]]:
-    """``(label, KV bytes as a fraction of the 16-bit full cache, score in %, n)`` per compressed run of one task,
-    model and mode, on the examples it shares with the full run. Bytes are ``cache_bytes_16`` (floating-point
+    """``(label, KV bytes as a fraction of the 16-bit full cache, score in %, n)`` per run of one task, model and
+    mode, on the examples every run (the full one included) has. Bytes are ``cache_bytes_16`` (floating-point
     storage at 16 bits, the deployment norm, whatever dtype the run computed in) over the full run's on the same
     example. Empty without a full run that recorded them."""
     labels = _disambiguate([s["policy"] for _, s in runs])
@@ -299,9 +301,12 @@ def byte_points(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[str, floa
         return []
     base = {r["id"]: r["cache_bytes_16"] for r in results.records_for(full[0]) if r.get("cache_bytes_16")}
     primary = runs[0][1].get("primary_metric", "score")
+    own = {p: [r for r in results.records_for(p) if "cache_bytes_16" in r and primary in r] for p, _ in runs}
+    # every point on the same examples: those all runs with records have (runs stop at different --limit)
+    common = set(base).intersection(*({r["id"] for r in recs} for recs in own.values() if recs))
     points = []
     for path, s in runs:
-        mine = [r for r in results.records_for(path) if r["id"] in base and "cache_bytes_16" in r and primary in r]
+        mine = [r for r in own[path] if r["id"] in common]
         if not mine:
             continue
         share = sum(r["cache_bytes_16"] / base[r["id"]] for r in mine) / len(mine)
