@@ -217,15 +217,19 @@ def common_table(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
     return "\n".join(lines)
 
 
-def _host_family(spec: str) -> str:
-    """The host under a spec's wrappers, with its precision (``"SnapKV · int4"``): whom KVCrush is compared with."""
+def _host_family(spec: str, precision: bool = True) -> str:
+    """The host under a spec's wrappers (``"SnapKV+Ada-KV · int4"``, without Ada-KV, KVCrush or, unless
+    ``precision``, the storage suffix): whom a KVCrush run is compared with."""
     try:
         policy = parse_policy(spec)
     except ValueError:
         return spec
+    ada = False
     while isinstance(policy, Wrapper):
+        ada = ada or isinstance(policy, AdaKV)
         policy = policy.host
-    return DISPLAY.get(policy.name, policy.name) + _precision(policy)
+    name = DISPLAY.get(policy.name, policy.name) + ("+Ada-KV" if ada else "")
+    return name + _precision(policy) if precision else name
 
 
 def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
@@ -248,7 +252,9 @@ def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
             and other[1] == budget
             and (not plain or "Ada-KV" not in other[0])
         ]
+        # its own host (same wrappers but KVCrush, same precision), else that host at another precision
         own = [j for j in refs if _host_family(specs[j]) == _host_family(specs[i])]
+        own = own or [j for j in refs if _host_family(specs[j], False) == _host_family(specs[i], False)]
         pairs += [(i, j) for j in (own or refs)]
     return pairs
 
