@@ -345,10 +345,13 @@ def bytes_plot(title: str, points: list[tuple[str, float, float, int]], path: Pa
     plt = _plt()
     front = pareto(points)
     fig, ax = plt.subplots(figsize=(7.2, 4.8), dpi=DPI)
-    for label, share, score, _ in points:
+    for label, share, score, _ in points:  # labels on the front only (the table lists every point)
         on = label in front
-        ax.scatter([100 * share], [score], s=22 if on else 12, color="tab:red" if on else "tab:blue", zorder=3)
-        ax.annotate(label, (100 * share, score), fontsize=5, xytext=(2, 2), textcoords="offset points")
+        marker = "s" if "·" in label else "o"  # quantized storage, a low-precision tier or representatives
+        color = "tab:red" if on else "tab:blue"
+        ax.scatter([100 * share], [score], s=22 if on else 12, color=color, marker=marker, zorder=3)
+        if on:
+            ax.annotate(label, (100 * share, score), fontsize=6, xytext=(3, -8), textcoords="offset points")
     edge = sorted((100 * b, sc) for lab, b, sc, _ in points if lab in front)
     ax.step(
         [p[0] for p in edge], [p[1] for p in edge], where="post", color="tab:red", linewidth=1, label="Pareto front"
