@@ -64,7 +64,7 @@ def test_ruler_prompt_through_kvpress_answers_as_crushkv_does():
     example = RulerTask(subtasks=("niah_single_1",), lengths=(4096,), chat=True).build(raw, 4096, tok)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tok)
     press = kvpress_ruler.make_press("streaming", 0.5)
-    answer, context = kvpress_ruler.kvpress_answer(pipe, model, tok, example, press)
+    answer, context = kvpress_ruler.kvpress_answer(pipe, tok, example, press)
     assert context > 100
     spec = f"streaming:budget={context // 2},sink=4,phase=prefill"
     ours = generate_compressed(model, tok, example.context, example.query, spec, QUESTION_AGNOSTIC, 12)

@@ -95,8 +95,9 @@ class CompressedLayer(DynamicLayer):
         if self.store is None:
             self.store = self.make_store(key_states, value_states)
             self.store.adopt(key_states, value_states)
-            if self.policy.low_precision() != "drop":
-                self.tier = LowTier(BITS[self.policy.low_precision()], self.policy.group)
+            low = self.policy.low_precision()
+            if low != "drop":
+                self.tier = LowTier(BITS[low], self.policy.group)
             self._positions = torch.arange(q, device=self.device).expand(b, h, q).contiguous()
             self._valid = torch.ones(b, h, q, dtype=torch.bool, device=self.device)
             self._fit_metadata()

@@ -28,7 +28,7 @@ import torch
 
 from crushkv.eval import paired, results
 from crushkv.eval.common import encode_parts
-from crushkv.eval.ruler import RulerTask, ruler_score
+from crushkv.eval.ruler import TASKS, RulerTask, ruler_score
 from crushkv.policies import parse_policy
 
 #: press name -> (kvpress class name, its keyword arguments, the crushkv method with the same settings)
@@ -57,7 +57,7 @@ def run_name(model: str, press: str, kept: float) -> str:
     return f"ruler__{results.model_slug(model)}__kvpress-{press}_k{kept:g}__question-agnostic"
 
 
-def kvpress_answer(pipe: Any, model: Any, tokenizer: Any, example: Any, press: Any) -> tuple[str, int]:
+def kvpress_answer(pipe: Any, tokenizer: Any, example: Any, press: Any) -> tuple[str, int]:
     """kvpress's answer to ``example`` on crushkv's token ids (context compressed by ``press``), and the context
     length."""
     ctx, qry = encode_parts(tokenizer, example.context, example.query)
@@ -71,7 +71,7 @@ def kvpress_answer(pipe: Any, model: Any, tokenizer: Any, example: Any, press: A
 
 
 def run(model: Any, tokenizer: Any, task: RulerTask, presses: list[str], kept: float, out: Path, limit: int | None,
-        model_name: str, progress: bool = True) -> list[Path]:  # fmt: skip
+        model_name: str, progress: bool = True) -> None:  # fmt: skip
     """kvpress's records of every press on the first ``limit`` examples (resuming what ``out`` holds)."""
     import kvpress  # noqa: F401  (importing it registers the pipeline)
     from transformers import pipeline
@@ -79,7 +79,6 @@ def run(model: Any, tokenizer: Any, task: RulerTask, presses: list[str], kept: f
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer)
     examples = task.examples(tokenizer)[:limit]
     out.mkdir(parents=True, exist_ok=True)
-    paths = []
     for name in presses:
         path = out / f"{run_name(model_name, name, kept)}{results.RECORDS_SUFFIX}"
         done = {r["id"] for r in results.read_records(path)} if path.exists() else set()
@@ -88,7 +87,7 @@ def run(model: Any, tokenizer: Any, task: RulerTask, presses: list[str], kept: f
                 if ex.id in done:
                     continue
                 start = time.perf_counter()
-                prediction, context = kvpress_answer(pipe, model, tokenizer, ex, make_press(name, kept))
+                prediction, context = kvpress_answer(pipe, tokenizer, ex, make_press(name, kept))
                 record = {
                     "id": ex.id,
                     "prediction": prediction,
@@ -104,8 +103,6 @@ def run(model: Any, tokenizer: Any, task: RulerTask, presses: list[str], kept: f
                 fh.flush()
                 if progress:
                     print(f"{name} {ex.id}: {record['score']:.2f} {prediction[:60]!r}", flush=True)
-        paths.append(path)
-    return paths
 
 
 def compare(out: Path, against: Path, presses: list[str], kept: float, model_name: str) -> list[dict[str, Any]]:
@@ -160,9 +157,8 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     presses = args.press or ["snapkv", "streaming", "expected"]
     model, tokenizer = load_model(args.model)
-    subtasks = tuple(t for t in args.ruler_tasks.split(",") if t) or None
     task = RulerTask(
-        **({"subtasks": subtasks} if subtasks else {}),
+        subtasks=tuple(t for t in args.ruler_tasks.split(",") if t) or TASKS,
         lengths=tuple(int(x) for x in args.lengths.split(",")),
         samples=args.samples,
         seed=args.seed,

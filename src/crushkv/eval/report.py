@@ -167,9 +167,10 @@ def budget_grid(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
     records = {s["policy"]: results.records_for(p) for p, s in runs}
     primary = runs[0][1].get("primary_metric", "score") if runs else "score"
     cells: dict[str, dict[float, str]] = defaultdict(dict)
-    full = [spec for spec in records if policy_label(spec)[0] == "Full"]
-    ratio = [spec for spec in records if isinstance(policy_label(spec)[1], float) and policy_label(spec)[1] <= 1]
-    budgets = sorted({policy_label(spec)[1] for spec in ratio}, reverse=True)
+    labels = {spec: policy_label(spec) for spec in records}
+    full = [spec for spec, lab in labels.items() if lab[0] == "Full"]
+    ratio = [spec for spec, lab in labels.items() if isinstance(lab[1], float) and lab[1] <= 1]
+    budgets = sorted({labels[spec][1] for spec in ratio}, reverse=True)
     if len(budgets) < 2 or task == "ppl":
         return ""
     kept = [spec for spec in full + ratio if records[spec]]
@@ -182,7 +183,7 @@ def budget_grid(task: str, runs: list[tuple[Path, dict[str, Any]]]) -> str:
         return f"{100 * sum(mine) / len(mine):.1f}"
 
     for spec in ratio:
-        family, budget, _ = policy_label(spec)
+        family, budget, _ = labels[spec]
         if records[spec]:
             cells[family][budget] = score(spec)
     head = "| Method | " + " | ".join(f"{100 * b:g} %" for b in budgets) + " |"
@@ -238,6 +239,7 @@ def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
     (without KVCrush) likewise vs the hosts without Ada-KV."""
     specs = [s["policy"] for _, s in runs]
     labels = [policy_label(s) for s in specs]
+    hosts, bare_hosts = [_host_family(s) for s in specs], [_host_family(s, False) for s in specs]
     full = [i for i, lab in enumerate(labels) if lab[0] == "Full"]
     pairs = [(i, j) for i, lab in enumerate(labels) if lab[0] != "Full" and lab[1] is not None for j in full]
     for i, (family, budget, _) in enumerate(labels):
@@ -253,8 +255,8 @@ def _pairs(runs: list[tuple[Path, dict[str, Any]]]) -> list[tuple[int, int]]:
             and (not plain or "Ada-KV" not in other[0])
         ]
         # its own host (same wrappers but KVCrush, same precision), else that host at another precision
-        own = [j for j in refs if _host_family(specs[j]) == _host_family(specs[i])]
-        own = own or [j for j in refs if _host_family(specs[j], False) == _host_family(specs[i], False)]
+        own = [j for j in refs if hosts[j] == hosts[i]]
+        own = own or [j for j in refs if bare_hosts[j] == bare_hosts[i]]
         pairs += [(i, j) for j in (own or refs)]
     return pairs
 
