@@ -104,3 +104,36 @@ def test_attention_function_takes_dropout_positionally_like_transformers(arch_mo
             attention.register()
         assert cache.kept_positions(cache.compressed_layers[0]).shape[-1] == 16
     torch.testing.assert_close(got, want, atol=0, rtol=0)
+
+
+def test_ruler_comparison_pairs_examples_and_counts_identical_answers(tmp_path):
+    """``kvpress_ruler.compare`` pairs each press with crushkv's run of the same method on the examples both hold,
+    counts identical answers, and prints dashes for a press with no common example."""
+    import json
+
+    from crushkv.bench import kvpress_ruler as kr
+    from crushkv.eval import results
+
+    model, kept = "qwen2.5-coder-0.5b", 0.25
+    spec = kr.crushkv_spec("snapkv", kept)
+    ours = tmp_path / "crushkv"
+    ours.mkdir()
+    stem = results.run_stem("ruler", model, spec, "question-agnostic")
+    results.write_json(ours / f"{stem}{results.SUMMARY_SUFFIX}", {"policy": spec, "model": model})
+    mine = [("a", " 123.", 1.0), ("b", " 9", 0.0), ("c", " x", 0.0)]
+    (ours / f"{stem}{results.RECORDS_SUFFIX}").write_text(
+        "".join(json.dumps({"id": i, "prediction": p, "score": s}) + "\n" for i, p, s in mine), encoding="utf-8"
+    )
+    theirs = tmp_path / "kvpress"
+    theirs.mkdir()
+    press = [("a", "123.", 1.0), ("b", " 7", 1.0), ("d", " 1", 1.0)]  # "d": crushkv never ran it
+    (theirs / f"{kr.run_name(model, 'snapkv', kept)}{results.RECORDS_SUFFIX}").write_text(
+        "".join(json.dumps({"id": i, "prediction": p, "score": s}) + "\n" for i, p, s in press), encoding="utf-8"
+    )
+    rows = kr.compare(theirs, ours, ["snapkv", "kvzip"], kept, model)
+    snap, kvzip = rows
+    assert (snap["n"], snap["wins"], snap["losses"], snap["same_answer"]) == (2, 1, 0, 1)
+    assert (snap["kvpress_score"], snap["crushkv_score"]) == (1.0, 0.5)
+    assert kvzip["n"] == 0
+    table = kr.format_rows(rows).splitlines()
+    assert "| 1 of 2 |" in table[2] and "KVzipPress" in table[3] and table[3].endswith("| – | – | – | – | – |")

@@ -10,7 +10,8 @@ fraction, resumable, and each press is paired with the crushkv run of the same m
 sweep's results folder) on the examples both have::
 
     .venv-min/bin/python -m crushkv.bench.kvpress_ruler --model qwen2.5-coder-0.5b --lengths 4096 --seed 42 \\
-        --limit 13 --kept 0.25 --against docs/eval/ruler4k --out docs/eval/kvpress-ruler4k --threads 2
+        --limit 13 --kept 0.25 --press snapkv --press expected --press kvzip --against docs/eval/ruler4k \\
+        --out docs/eval/kvpress-ruler4k --threads 2
 
 The presses use the settings of crushkv's defaults for the same method (SnapKV's window 32 and pool 7, four
 StreamingLLM sinks, Expected Attention's defaults), so a row compares two implementations of one method.
@@ -38,6 +39,9 @@ PRESSES: dict[str, tuple[str, dict[str, Any], str]] = {
     "expected": ("ExpectedAttentionPress", {}, "expected_attention"),
     "knorm": ("KnormPress", {}, "knorm"),
     "keydiff": ("KeyDiffPress", {}, "keydiff"),
+    # kvpress ranks the whole model's scores together (layerwise=False), as crushkv's scope=model does; it masks the
+    # pruned entries (its attention patch) instead of removing them
+    "kvzip": ("KVzipPress", {}, "kvzip"),
 }
 
 
@@ -115,22 +119,28 @@ def compare(out: Path, against: Path, presses: list[str], kept: float, model_nam
         spec = crushkv_spec(name, kept)
         theirs = results.records_for(by_policy[spec]) if spec in by_policy else []
         cmp = paired.paired(mine, theirs, "score")
+        answers = {r["id"]: r["prediction"].strip() for r in theirs}
+        same = sum(1 for r in mine if r["id"] in answers and r["prediction"].strip() == answers[r["id"]])
         rows.append({"press": name, "crushkv": spec, "kept": kept, "n": cmp.n, "kvpress_score": cmp.method,
                      "crushkv_score": cmp.reference, "wins": cmp.wins, "losses": cmp.losses,
-                     "p": cmp.p_value})  # fmt: skip
+                     "p": cmp.p_value, "same_answer": same})  # fmt: skip
     return rows
 
 
 def format_rows(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| press (kvpress) | crushkv method | kept | n | kvpress % | crushkv % | kvpress better/worse | sign test p |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| press (kvpress) | crushkv method | kept | n | kvpress % | crushkv % | kvpress better/worse | sign test p "
+        "| same answer text |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        head = f"| {PRESSES[r['press']][0]} | `{r['crushkv'].split(',')[0]}` | {r['kept']:.0%} | {r['n']} "
+        if not r["n"]:  # no example both libraries ran
+            lines.append(head + "| – | – | – | – | – |")
+            continue
         lines.append(
-            f"| {PRESSES[r['press']][0]} | `{r['crushkv'].split(',')[0]}` | {r['kept']:.0%} | {r['n']} "
-            f"| {100 * r['kvpress_score']:.1f} | {100 * r['crushkv_score']:.1f} | {r['wins']}/{r['losses']} "
-            f"| {r['p']:.3g} |"
+            head + f"| {100 * r['kvpress_score']:.1f} | {100 * r['crushkv_score']:.1f} | {r['wins']}/{r['losses']} "
+            f"| {r['p']:.3g} | {r['same_answer']} of {r['n']} |"
         )
     return "\n".join(lines)
 
@@ -148,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--press", action="append", choices=tuple(PRESSES), help="presses (default snapkv, streaming, expected)"
     )
-    p.add_argument("--kept", type=float, default=0.25, help="fraction of the context kept (kvpress ratio = 1 - kept)")
+    p.add_argument(
+        "--kept", type=float, action="append", help="fraction of the context kept, repeatable (kvpress ratio = 1 - kept; "
+        "default 0.25)"
+    )
     p.add_argument("--against", type=Path, required=True, help="crushkv sweep results to compare with")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--threads", type=int, default=0)
@@ -164,11 +177,13 @@ def main(argv: list[str] | None = None) -> int:
         seed=args.seed,
         chat=True,
     )
-    run(model, tokenizer, task, presses, args.kept, args.out, args.limit, args.model)
-    rows = compare(args.out, args.against, presses, args.kept, args.model)
-    table = format_rows(rows)
-    print(table)
-    (args.out / f"compare_k{args.kept:g}.md").write_text(table + "\n", encoding="utf-8")
+    for kept in args.kept or [0.25]:
+        if not 0.0 < kept <= 1.0:
+            p.error(f"--kept must be in (0, 1], got {kept}")
+        run(model, tokenizer, task, presses, kept, args.out, args.limit, args.model)
+        table = format_rows(compare(args.out, args.against, presses, kept, args.model))
+        print(table)
+        (args.out / f"compare_k{kept:g}.md").write_text(table + "\n", encoding="utf-8")
     return 0
 
 
