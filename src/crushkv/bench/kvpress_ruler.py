@@ -159,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
         "--press", action="append", choices=tuple(PRESSES), help="presses (default snapkv, streaming, expected)"
     )
     p.add_argument(
-        "--kept", type=float, action="append", help="fraction of the context kept, repeatable (kvpress ratio = 1 - kept; "
-        "default 0.25)"
+        "--kept",
+        type=float,
+        action="append",
+        help="fraction of the context kept, repeatable (kvpress ratio = 1 - kept; default 0.25)",
     )
     p.add_argument("--against", type=Path, required=True, help="crushkv sweep results to compare with")
     p.add_argument("--out", type=Path, required=True)
