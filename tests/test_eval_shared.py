@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,68 @@ def test_a_prefilled_cache_must_belong_to_the_policy() -> None:
         generate_compressed(model, tokenizer, "a", "b", other, QUESTION_AGNOSTIC, 2, prefilled=(cache, shared))
     with pytest.raises(ValueError, match="question-agnostic"):
         generate_compressed(model, tokenizer, "a", "b", cache.policy, QUERY_AWARE, 2, prefilled=(cache, shared))
+
+
+def test_forks_decoded_one_per_batch_equal_generate_for_every_policy() -> None:
+    """``generate_forks``' own greedy loop (argmax, EOS, rows leaving when they stop) gives every policy exactly
+    what ``generate`` gives it from the same fork: text, token counts, kept tokens and bytes. Two EOS ids that the
+    runs meet at different steps make rows stop early."""
+    from crushkv.eval.common import generate_compressed, generate_forks
+    from crushkv.fork import prefill_forks
+    from crushkv.policies import parse_policy
+
+    model, tok = fake_load_model("test/tiny")
+    context, query = "startup founders often think about money and time " * 6, " what do founders think about?"
+    ids = tok(context, return_tensors="pt").input_ids
+    policies = [parse_policy(s) for s in SPECS]
+    forks, timing = prefill_forks(model, policies, ids)
+    shared = {"prefill_s": timing["prefill_s"], "prefill_forwards": timing["forwards"], "forks": len(forks)}
+    probe = generate_forks(model, tok, context, query, forks, shared, 10)  # what the rows say without EOS
+    seen = Counter(t for g in probe for t in tok(g["text"], add_special_tokens=False).input_ids[1:6])
+    model.generation_config.eos_token_id = [t for t, _ in seen.most_common(2)]
+    forks, _ = prefill_forks(model, policies, ids)
+    alone = [generate_forks(model, tok, context, query, [cache], shared, 10)[0] for cache in forks]
+    forks, _ = prefill_forks(model, policies, ids)
+    want = [generate_compressed(model, tok, context, query, p, QUESTION_AGNOSTIC, 10, prefilled=(c, shared))
+            for p, c in zip(policies, forks)]  # fmt: skip
+    assert len({w["new_tokens"] for w in want}) > 1  # some rows stopped before others
+    for spec, got, ref in zip(SPECS, alone, want):
+        assert got.pop("decode_batch") == 1
+        untimed = {k: v for k, v in ref.items() if k not in TIMING}
+        assert {k: v for k, v in got.items() if k not in TIMING} == untimed, spec
+
+
+def test_forks_decoded_together_match_separate_runs(tmp_path: Path) -> None:
+    """``--decode-batch 7``: the forks of each example decoded as rows of one batch. Everything up to the question
+    is each cache's own (fields after the context equal separate runs exactly); the decoded text may differ only
+    where a batched matmul's rounding breaks a near-tie of the random tiny model, which is rare."""
+    batched, separate = tmp_path / "batched", tmp_path / "separate"
+    longer = [*ARGS[:-5], "--max-new-tokens", "12", *ARGS[-3:]]
+    assert main(["eval", *longer, *_policies(SPECS), "--out", str(batched), "--decode-batch", "7"]) == 0
+    assert main(["eval", *longer, *_policies(SPECS), "--out", str(separate), "--no-shared-prefill"]) == 0
+    got, want = _records(batched), _records(separate)
+    assert got.keys() == want.keys() and len(want) == 3 * len(SPECS)
+    same = 0
+    for key in want:
+        row = dict(got[key])
+        assert row.pop("decode_batch") in (7, len(SPECS) % 7)  # the last group takes the rest
+        for field in row:
+            if field.endswith("_after_context") or field in ("context_tokens", "prompt_tokens", "refs"):
+                assert row[field] == want[key][field], (key, field)
+        same += row == want[key]
+    assert same >= 0.97 * len(want), f"{same} of {len(want)} records equal"
+
+
+def test_forks_refuse_a_generation_config_with_logits_processors() -> None:
+    from crushkv.eval.common import generate_forks
+    from crushkv.fork import StackedRows, prefill_forks
+
+    model, tok = fake_load_model("test/tiny")
+    ids = tok("startup founders often think about money", return_tensors="pt").input_ids
+    forks, _ = prefill_forks(model, ["full", "snapkv:budget=4,window=2,sink=1,recent=2"], ids)
+    model.generation_config.repetition_penalty = 1.2
+    with pytest.raises(ValueError, match="repetition_penalty"):
+        generate_forks(model, tok, "a", "b", forks, {"prefill_s": 0.0}, 2)
+    with pytest.raises(ValueError, match="one prompt length"):
+        other, _ = prefill_forks(model, ["full"], ids[:, :-1])
+        StackedRows([forks[0], *other])

@@ -169,3 +169,80 @@ def prefill_forks(
             reconstruct.cut(cache)
     timing = {"prefill_s": time.perf_counter() - t0, "forwards": len(groups), "reconstructions": len(scored)}
     return caches, timing
+
+
+class StackedRows(Cache):
+    """Several batch-1 ``CrushCache``s (forks of one prompt, any policies and stores) decoded as the rows of one
+    batch: the model's weights are read once per step for all of them, which is what a CPU decode step costs, while
+    each row's attention, statistics and eviction run in its own cache exactly as they would alone (row ``r`` gets
+    row ``r`` of every pass's keys, values, queries and mask). ``rows`` may shrink between passes (finished rows
+    leave); every row holds the same logical length, so transformers reads lengths and mask sizes off the first."""
+
+    def __init__(self, caches: Sequence[CrushCache]) -> None:
+        if not caches:
+            raise ValueError("StackedRows needs at least one cache")
+        for cache in caches:
+            if not isinstance(cache, CrushCache):
+                raise TypeError(f"StackedRows stacks CrushCaches, got {type(cache).__name__}")
+            rows = {layer.valid.shape[0] for layer in cache.layers if isinstance(layer, CompressedLayer)}
+            if rows - {1}:
+                raise ValueError(f"StackedRows stacks batch-1 caches; one holds {sorted(rows)} rows")
+        lengths = {cache.get_seq_length() for cache in caches}
+        if len(lengths) != 1:
+            raise ValueError(f"StackedRows needs caches of one prompt length, got {sorted(lengths)}")
+        self._rows: list[CrushCache] = []
+        super().__init__(layers=caches[0].layers)
+        self.rows = list(caches)
+        self.active = False
+        self.foreign_cache_warned = False
+
+    @property
+    def rows(self) -> list[CrushCache]:
+        return self._rows
+
+    @rows.setter
+    def rows(self, caches: list[CrushCache]) -> None:
+        if not caches:
+            raise ValueError("StackedRows needs at least one row")
+        self._rows = list(caches)
+        self.layers = self._rows[0].layers
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    @active.setter
+    def active(self, value: bool) -> None:
+        self._active = value
+        for cache in getattr(self, "_rows", ()):
+            cache.active = value
+
+    def _row(self, tensor, r: int):
+        return tensor if tensor is None or tensor.shape[0] == 1 else tensor[r : r + 1]
+
+    def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
+        if key_states.shape[0] != len(self.rows):
+            raise ValueError(f"a pass of {key_states.shape[0]} rows for {len(self.rows)} stacked caches")
+        outs = [
+            cache.update(key_states[r : r + 1], value_states[r : r + 1], layer_idx, *args, **kwargs)
+            for r, cache in enumerate(self.rows)
+        ]
+        if isinstance(self.layers[layer_idx], CompressedLayer):
+            return outs[0]  # crushkv's attention function recognises the first row's pass and calls run_attention
+        return torch.cat([k for k, _ in outs]), torch.cat([v for _, v in outs])  # uncompressed (sliding) layers
+
+    def run_attention(
+        self, layer: CompressedLayer, query: torch.Tensor, attention_mask, scaling: float, position_ids=None
+    ) -> torch.Tensor:
+        index = layer.layer_idx
+        outs = [
+            cache.run_attention(
+                cache.layers[index],
+                query[r : r + 1],
+                self._row(attention_mask, r),
+                scaling,
+                self._row(position_ids, r),
+            )
+            for r, cache in enumerate(self.rows)
+        ]
+        return torch.cat(outs)

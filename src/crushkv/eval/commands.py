@@ -55,6 +55,13 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
         help="run each policy's context forward separately (question-agnostic runs of several policies otherwise "
         "share one forward per example; the results are the same)",
     )
+    p.add_argument(
+        "--decode-batch",
+        type=positive_int,
+        default=1,
+        help="with a shared context forward, decode up to N policies' caches together as one batch (each row's "
+        "attention and eviction stay its own cache's; the matmuls round as batched ones do; default 1)",
+    )
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     g = p.add_argument_group("task options")
     g.add_argument("--num-fewshot", type=non_negative_int, default=5, help="gsm8k shots (default 5)")
@@ -188,6 +195,7 @@ def run_specs(args: argparse.Namespace, specs: list[str], load: Any = None) -> i
         seed=args.seed,
         limit=args.limit,
         batch_size=args.batch_size,
+        decode_batch=args.decode_batch,
         overwrite=args.overwrite,
         progress=not args.no_progress,
     )

@@ -93,6 +93,39 @@ class Task:
         record.update(gen)
         return record
 
+    def evaluate_forks(
+        self, model: Any, tokenizer: Any, example: Example, policies: list[Any], caches: list[Any], shared: Any
+    ) -> list[dict[str, Any]]:
+        """Question-agnostic records of ``example`` for every policy, continuing each from its fork of one shared
+        context forward (``caches``, ``shared``: see ``generate_compressed``'s ``prefilled``) and decoding the forks
+        together (``generate_forks``). A task with its own :meth:`evaluate` runs them one by one."""
+        if type(self).evaluate is not Task.evaluate:
+            return [
+                self.evaluate(model, tokenizer, example, policy, QUESTION_AGNOSTIC, prefilled=(cache, shared))
+                for policy, cache in zip(policies, caches, strict=True)
+            ]
+        for policy, cache in zip(policies, caches, strict=True):
+            if getattr(cache.policy, "spec", None) != getattr(policy, "spec", policy):
+                raise ValueError(f"the prefilled cache was made for {cache.policy.spec!r}, not {policy!r}")
+        gens = generate_forks(
+            model,
+            tokenizer,
+            example.context,
+            example.query,
+            caches,
+            shared,
+            max_new_tokens=int(example.meta.get("max_new_tokens", self.max_new_tokens)),
+            stop_strings=list(self.stop_strings),
+        )
+        records = []
+        for gen in gens:
+            prediction = self.postprocess(gen.pop("text"))
+            record = {"id": example.id, "prediction": prediction, "refs": example.refs, **example.meta}
+            record.update(self.score(prediction, example))
+            record.update(gen)
+            records.append(record)
+        return records
+
     def evaluate_batch(
         self, model: Any, tokenizer: Any, examples: list[Example], policy: Any, mode: str
     ) -> list[dict[str, Any]]:
@@ -321,6 +354,113 @@ def generate_compressed(
             out["decode_tok_s"] = (new.shape[0] - 1) / max(t1 - clock.first_token_at, 1e-9)
     out["text"] = tokenizer.decode(new, skip_special_tokens=True)
     return out
+
+
+#: generation-config settings that add logits processors to greedy decoding: ``generate_forks`` runs its own greedy
+#: loop (argmax, EOS and stop strings as ``generate`` applies them), so it refuses a model configured with any
+PROCESSOR_SETTINGS = {
+    "repetition_penalty": (None, 1.0),
+    "encoder_repetition_penalty": (None, 1.0),
+    "no_repeat_ngram_size": (None, 0),
+    "bad_words_ids": (None,),
+    "min_length": (None, 0),
+    "min_new_tokens": (None, 0),
+    "forced_bos_token_id": (None,),
+    "forced_eos_token_id": (None,),
+    "suppress_tokens": (None,),
+    "begin_suppress_tokens": (None,),
+    "sequence_bias": (None,),
+    "exponential_decay_length_penalty": (None,),
+    "guidance_scale": (None, 1.0),
+}
+
+
+@torch.inference_mode()
+def generate_forks(
+    model: Any,
+    tokenizer: Any,
+    context: str,
+    query: str,
+    caches: list[Any],
+    shared: dict[str, Any],
+    max_new_tokens: int,
+    stop_strings: list[str] | None = None,
+) -> list[dict[str, Any]]:
+    """Greedy question-agnostic generation from several forks of one compressed context (``prefill_forks``'
+    caches, any policies), decoded together as the rows of one batch (``crushkv.fork.StackedRows``).
+
+    Each row's attention, statistics and eviction run in its own cache, as alone; the rows share the model's
+    matmuls, so a row's logits equal its separate run's up to the rounding of a batched matmul. A row leaves the
+    batch when it stops (EOS, a stop string as ``generate``'s ``StopStringCriteria`` sees it, or
+    ``max_new_tokens``), so its cache ends as a separate run's does. Returns one dict per cache, as
+    ``generate_compressed`` does; ``time_s``, ``ttft_s`` and ``decode_tok_s`` are the batch's (the wall time until
+    the row stopped), ``decode_batch`` the number of rows that started.
+    """
+    from transformers import StopStringCriteria
+
+    from crushkv.api import installed
+    from crushkv.fork import StackedRows
+
+    config = model.generation_config
+    for name, plain in PROCESSOR_SETTINGS.items():
+        if getattr(config, name, None) not in plain:
+            raise ValueError(
+                f"generate_forks decodes greedily without logits processors; this model's generation config sets "
+                f"{name}={getattr(config, name)!r} (decode the forks one by one instead)"
+            )
+    ctx_ids, q_ids = encode_parts(tokenizer, context, query)
+    n_layers = num_layers(model)
+    outs: list[dict[str, Any]] = []
+    for cache in caches:
+        out = {"context_tokens": ctx_ids.shape[1], "prompt_tokens": ctx_ids.shape[1] + q_ids.shape[1], **shared}
+        out.update({f"{k}_after_context": v for k, v in cache_stats(cache, n_layers).items()})
+        out["decode_batch"] = len(caches)
+        outs.append(out)
+    eos = set(_as_list(getattr(config, "eos_token_id", None)))
+    stop = StopStringCriteria(tokenizer, stop_strings) if stop_strings else None
+    device = model.device
+    prompt = torch.cat([ctx_ids, q_ids], dim=1).to(device)
+    seqs = prompt.expand(len(caches), -1).clone()
+    new: list[list[int]] = [[] for _ in caches]
+    running = list(range(len(caches)))
+    stack = StackedRows(caches)
+    step_ids = q_ids.to(device).expand(len(caches), -1)
+    t0 = time.perf_counter() - shared["prefill_s"]  # latencies count the shared context forward, as alone
+    first_at = None
+    with installed(model, stack):
+        while running:
+            width = seqs.shape[1]
+            mask = torch.ones(len(running), width, dtype=torch.long, device=device)
+            logits = model(step_ids, attention_mask=mask, **cache_kwargs(model, stack), use_cache=True,
+                           logits_to_keep=1).logits[:, -1]  # fmt: skip
+            tokens = logits.argmax(-1)
+            now = time.perf_counter()
+            first_at = now if first_at is None else first_at
+            seqs = torch.cat([seqs, tokens[:, None]], dim=1)
+            done = torch.zeros(len(running), dtype=torch.bool)
+            if stop is not None:
+                done |= stop(seqs, logits).cpu()
+            keep = []
+            for i, (row, token) in enumerate(zip(running, tokens.tolist(), strict=True)):
+                new[row].append(token)
+                if done[i] or token in eos or len(new[row]) >= max_new_tokens:
+                    out = outs[row]
+                    out.update(cache_stats(caches[row], n_layers))
+                    out.update(new_tokens=len(new[row]), time_s=now - t0, ttft_s=first_at - t0)
+                    if len(new[row]) > 1:
+                        out["decode_tok_s"] = (len(new[row]) - 1) / max(now - first_at, 1e-9)
+                else:
+                    keep.append(i)
+            if len(keep) < len(running):
+                running = [running[i] for i in keep]
+                if not running:
+                    break
+                seqs, tokens = seqs[keep], tokens[keep]
+                stack.rows = [caches[row] for row in running]
+            step_ids = tokens[:, None]
+    for row, out in enumerate(outs):
+        out["text"] = tokenizer.decode(new[row], skip_special_tokens=True)
+    return outs
 
 
 def _row_cache_stats(cache: Any, n_layers: int, row: int, rows: int) -> dict[str, Any]:

@@ -39,6 +39,8 @@ class RunOptions:
     seed: int = 1234
     limit: int | None = None
     batch_size: int = 1
+    #: forks of a shared context forward decoded together as one batch (``run_shared``; 1: one by one)
+    decode_batch: int = 1
     overwrite: bool = False
     progress: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
@@ -232,8 +234,17 @@ def run_shared(
                 "reconstructions": timing["reconstructions"],
                 "forks": len(caches),
             }
-            for run, cache in zip(members, caches):
-                run.add(task.evaluate(model, tokenizer, ex, run.policy, mode, prefilled=(cache, shared)))
+            size = max(int(opts.decode_batch), 1)
+            for start in range(0, len(members), size):
+                group, forks = members[start : start + size], caches[start : start + size]
+                if size == 1:
+                    records = [task.evaluate(model, tokenizer, ex, group[0].policy, mode, prefilled=(forks[0], shared))]
+                else:
+                    records = task.evaluate_forks(model, tokenizer, ex, [run.policy for run in group], forks, shared)
+                for run, record in zip(group, records, strict=True):
+                    run.add(record)
+                for i in range(start, start + len(group)):
+                    caches[i] = None  # decoded: free its storage before the next group's
             del caches
             bar.update(1)
             bar.set_postfix({task.primary: " ".join(run.running_mean() for run in runs[:4])})
