@@ -37,13 +37,13 @@ def prompt_path(policy: Policy, length: int) -> str:
     return output_path(request, True, length, length)
 
 
-class FanOut(Cache):
-    """The cache of one prompt forward shared by several ``CrushCache``s whose prompt passes take the same output
-    path. Transformers sees the first cache's layers (lengths, masks); every cache gets each layer's K/V."""
+class _Group(Cache):
+    """A cache made of ``CrushCache``s (``caches``): transformers sees the first one's layers (lengths, masks), and
+    installing the group activates them all."""
 
     def __init__(self, caches: Sequence[CrushCache]) -> None:
         if not caches:
-            raise ValueError("FanOut needs at least one cache")
+            raise ValueError(f"{type(self).__name__} needs at least one cache")
         self.caches = list(caches)
         super().__init__(layers=self.caches[0].layers)
         self.active = False
@@ -58,6 +58,11 @@ class FanOut(Cache):
         self._active = value
         for cache in getattr(self, "caches", ()):
             cache.active = value
+
+
+class FanOut(_Group):
+    """The cache of one prompt forward shared by several ``CrushCache``s whose prompt passes take the same output
+    path; every cache gets each layer's K/V."""
 
     def update(self, key_states, value_states, layer_idx: int, *args, **kwargs):
         for cache in self.caches[1:]:  # each store owns (and later writes into) its own copy
@@ -171,16 +176,15 @@ def prefill_forks(
     return caches, timing
 
 
-class StackedRows(Cache):
+class StackedRows(_Group):
     """Several batch-1 ``CrushCache``s (forks of one prompt, any policies and stores) decoded as the rows of one
     batch: the model's weights are read once per step for all of them, which is what a CPU decode step costs, while
     each row's attention, statistics and eviction run in its own cache exactly as they would alone (row ``r`` gets
     row ``r`` of every pass's keys, values, queries and mask). ``rows`` may shrink between passes (finished rows
-    leave); every row holds the same logical length, so transformers reads lengths and mask sizes off the first."""
+    leave, inactive); every row holds the same logical length, so transformers reads lengths and mask sizes off the
+    first."""
 
     def __init__(self, caches: Sequence[CrushCache]) -> None:
-        if not caches:
-            raise ValueError("StackedRows needs at least one cache")
         for cache in caches:
             if not isinstance(cache, CrushCache):
                 raise TypeError(f"StackedRows stacks CrushCaches, got {type(cache).__name__}")
@@ -188,34 +192,23 @@ class StackedRows(Cache):
             if rows - {1}:
                 raise ValueError(f"StackedRows stacks batch-1 caches; one holds {sorted(rows)} rows")
         lengths = {cache.get_seq_length() for cache in caches}
-        if len(lengths) != 1:
+        if len(lengths) > 1:
             raise ValueError(f"StackedRows needs caches of one prompt length, got {sorted(lengths)}")
-        self._rows: list[CrushCache] = []
-        super().__init__(layers=caches[0].layers)
-        self.rows = list(caches)
-        self.active = False
-        self.foreign_cache_warned = False
+        super().__init__(caches)
 
     @property
     def rows(self) -> list[CrushCache]:
-        return self._rows
+        return self.caches
 
     @rows.setter
-    def rows(self, caches: list[CrushCache]) -> None:
+    def rows(self, caches: Sequence[CrushCache]) -> None:
         if not caches:
             raise ValueError("StackedRows needs at least one row")
-        self._rows = list(caches)
-        self.layers = self._rows[0].layers
-
-    @property
-    def active(self) -> bool:
-        return self._active
-
-    @active.setter
-    def active(self, value: bool) -> None:
-        self._active = value
-        for cache in getattr(self, "_rows", ()):
-            cache.active = value
+        for cache in self.caches:
+            if cache not in caches:
+                cache.active = False
+        self.caches = list(caches)
+        self.layers = self.caches[0].layers
 
     def _row(self, tensor, r: int):
         return tensor if tensor is None or tensor.shape[0] == 1 else tensor[r : r + 1]

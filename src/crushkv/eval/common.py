@@ -87,6 +87,10 @@ class Task:
             stop_strings=list(self.stop_strings),
             prefilled=prefilled,
         )
+        return self.record(example, gen)
+
+    def record(self, example: Example, gen: dict[str, Any]) -> dict[str, Any]:
+        """The JSONL record of ``example`` from one generation's fields (its ``text`` becomes the prediction)."""
         prediction = self.postprocess(gen.pop("text"))
         record = {"id": example.id, "prediction": prediction, "refs": example.refs, **example.meta}
         record.update(self.score(prediction, example))
@@ -117,14 +121,7 @@ class Task:
             max_new_tokens=int(example.meta.get("max_new_tokens", self.max_new_tokens)),
             stop_strings=list(self.stop_strings),
         )
-        records = []
-        for gen in gens:
-            prediction = self.postprocess(gen.pop("text"))
-            record = {"id": example.id, "prediction": prediction, "refs": example.refs, **example.meta}
-            record.update(self.score(prediction, example))
-            record.update(gen)
-            records.append(record)
-        return records
+        return [self.record(example, gen) for gen in gens]
 
     def evaluate_batch(
         self, model: Any, tokenizer: Any, examples: list[Example], policy: Any, mode: str
@@ -147,14 +144,7 @@ class Task:
             max_new_tokens=max(int(ex.meta.get("max_new_tokens", self.max_new_tokens)) for ex in examples),
             stop_strings=list(self.stop_strings),
         )
-        records = []
-        for ex, gen in zip(examples, gens):
-            prediction = self.postprocess(gen.pop("text"))
-            record = {"id": ex.id, "prediction": prediction, "refs": ex.refs, **ex.meta}
-            record.update(self.score(prediction, ex))
-            record.update(gen)
-            records.append(record)
-        return records
+        return [self.record(ex, gen) for ex, gen in zip(examples, gens, strict=True)]
 
     def aggregate(self, records: list[dict[str, Any]]) -> dict[str, float]:
         """Summary metrics: the mean of each metric over the records."""
