@@ -219,21 +219,21 @@ def test_quantized_storage_equals_the_formula_at_every_step(arch_model, spec):
             check()
 
 
-def _tier_token_bytes(layer: CompressedLayer) -> int:
-    """Bytes of one token in a low-precision tier: the packed key and value codes plus one scale and zero per group
-    of channels, for both."""
-    tier = layer.tier
-    per_token = 0
-    for d in (layer.key_dim, layer.value_dim):
-        per_token += -(-d * tier.bits // 8) + 2 * -(-d // min(tier.group, d)) * layer.dtype.itemsize
-    return per_token
+def _tier_bytes(layer: CompressedLayer, counts: torch.Tensor) -> int:
+    """Bytes of a low-precision tier holding ``counts`` ``[B, H]`` tokens: every token's packed key and value codes
+    and its values' scale and zero per group of channels; per completed group of ``group`` tokens one key scale and
+    zero per channel; the open (incomplete) group's keys at full precision."""
+    tier, item, dk, dv = layer.tier, layer.dtype.itemsize, layer.key_dim, layer.value_dim
+    per_token = -(-dk * tier.bits // 8) + -(-dv * tier.bits // 8) + 2 * -(-dv // min(tier.group, dv)) * item
+    tokens, full = int(counts.sum()), int((counts // tier.group).sum())
+    return tokens * per_token + full * 2 * dk * item + (tokens - full * tier.group) * dk * item
 
 
 @pytest.mark.parametrize("spec", [f"{s},tier=int2,group=16" for s in SPECS] + [f"{SPECS[1]},phase=prefill,tier=int4"])
 def test_the_tier_holds_every_evicted_token_at_its_formula(arch_model, spec):
     """No token left behind: after every step each row's full-precision slots and tier together hold every real
-    token it has seen; the tier's bytes are the formula (codes + ranges) per token held, its storage that per slot of a
-    capacity at most one growth step above the fullest row."""
+    token it has seen; the tier's bytes are the formula (codes, ranges, open-group keys) of the tokens held, its
+    storage that of a capacity at most one growth step (rounded to whole key groups) above the fullest row."""
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=PROMPT, pad=7)
 
@@ -244,10 +244,15 @@ def test_the_tier_holds_every_evicted_token_at_its_formula(arch_model, spec):
             tier_counts = layer.tier.counts if layer.tier.counts is not None else 0
             held = layer.counts() + tier_counts
             assert torch.equal(held, real[:, None].expand_as(held)), (held, real)
-            per_token, b, h = _tier_token_bytes(layer), *held.shape
-            assert layer.tier.logical_nbytes() == int(layer.tier.counts.sum()) * per_token
-            assert layer.tier.nbytes() == b * h * layer.tier.capacity * per_token
-            assert layer.tier.capacity <= grown(int(layer.tier.counts.max()))
+            tier, (b, h) = layer.tier, held.shape
+            assert tier.logical_nbytes() == _tier_bytes(layer, tier.counts)
+            # storage: the formula for every slot of the capacity, whose groups are all counted as completed, plus
+            # the open-group buffer (one group of exact keys per row)
+            slots = torch.full_like(tier.counts, tier.capacity)
+            open_buffer = b * h * tier.group * layer.key_dim * layer.dtype.itemsize
+            assert tier.nbytes() == _tier_bytes(layer, slots) + open_buffer
+            group = tier.group
+            assert tier.capacity <= -(-grown(int(tier.counts.max())) // group) * group
 
     with torch.no_grad(), crushkv.compress(model, spec) as cache:
         out = model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
@@ -296,25 +301,31 @@ def test_bytes_at_16_bits_are_what_a_16_bit_run_holds(spec):
 
 def test_low_precision_representatives_hold_the_crush_share_in_the_tier(arch_model):
     """``reps=int4``: after the prompt's cut each row keeps ``budget - crush`` host tokens in its store and exactly
-    the ``crush`` representatives KVCrush picks in the tier (the same picks as ``reps=full``), for fewer bytes."""
+    the ``crush`` representatives KVCrush picks in the tier (the same picks as ``reps=full``), which hold them in
+    fewer bytes than full precision (32 representatives: one whole key group; a group's keys are exact until it
+    fills)."""
     _, model = arch_model
     ids, mask = batch_inputs(batch=2, length=PROMPT, pad=30)
-    base = f"snapkv+kvcrush:budget={BUDGET},window=8,crush=24,anchor=mean,phase=prefill"
+    base = f"snapkv+kvcrush:budget={BUDGET},window=8,crush=32,anchor=mean,phase=prefill"
     held = {}
     for reps in ("full", "int4"):
         with torch.no_grad(), crushkv.compress(model, f"{base},reps={reps}") as cache:
             model(ids, attention_mask=mask, **crushkv.cache_kwargs(model, cache))
             kept = {i: cache.kept_positions(i) for i in cache.compressed_layers}
             tier = {i: cache.tier_positions(i) for i in cache.compressed_layers}
-            held[reps] = (kept, tier, cache.nbytes())
+            held[reps] = (kept, tier)
             for i in cache.compressed_layers:
-                assert (cache.kept_counts(i) == BUDGET - (24 if reps == "int4" else 0)).all()
-    kept_full, _, bytes_full = held["full"]
-    kept_low, tier_low, bytes_low = held["int4"]
+                assert (cache.kept_counts(i) == BUDGET - (32 if reps == "int4" else 0)).all()
+                layer = cache.layers[i]
+                if reps == "int4":  # the representatives cost less in the tier than at full precision
+                    b, h = layer.tier.counts.shape
+                    exact = b * h * 32 * (layer.key_dim + layer.value_dim) * layer.dtype.itemsize
+                    assert layer.tier.logical_nbytes() < exact
+    kept_full, _ = held["full"]
+    kept_low, tier_low = held["int4"]
     for i, positions in kept_full.items():
-        assert (tier_low[i] >= 0).sum(-1).eq(24).all(), "every row demoted its 24 representatives"
+        assert (tier_low[i] >= 0).sum(-1).eq(32).all(), "every row demoted its 32 representatives"
         for row in range(2):
             for head in range(positions.shape[1]):
                 both = set(kept_low[i][row, head].tolist()) | set(tier_low[i][row, head].tolist())
                 assert both - {-1} == set(positions[row, head].tolist()) - {-1}
-    assert bytes_low < bytes_full
