@@ -50,8 +50,9 @@ class Policy:
     ``decode`` after every forward (every ``interval`` tokens). ``store``: ``dense`` or ``paged`` (``page`` tokens per
     page). ``quant``: ``none`` or KIVI-style ``int8|int4|int2`` slots (keys per channel over ``group`` tokens, values
     per token over ``group`` channels, the newest ``residual`` tokens at full precision; ``crushkv.stores.quant``).
-    ``tier``: ``drop`` (evicted tokens are freed) or ``int8|int4|int2``: evicted tokens are kept at that precision,
-    per token in groups of ``group`` channels, and still attended over (MiKV; ``crushkv.stores.tier``).
+    ``tier``: ``drop`` (evicted tokens are freed) or ``int8|int4|int2``: evicted tokens are kept at that precision
+    (keys per channel over ``group`` tier slots, the last incomplete group exact; values per token over ``group``
+    channels) and still attended over (MiKV; ``crushkv.stores.tier``).
     """
 
     name: ClassVar[str] = ""
